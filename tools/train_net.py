@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Train or evaluate a ViMDet detector with Detectron2's trainer and launcher.
+
+    python tools/train_net.py --config-file configs/cascade_vim_b.yaml --num-gpus 8
+    python tools/train_net.py --config-file configs/cascade_vim_b.yaml --eval-only \\
+        MODEL.WEIGHTS output/model_final.pth
+    python tools/train_net.py --config-file ... --resume      # continue from the last checkpoint
+
+Multi-node: add ``--num-machines M --machine-rank R --dist-url tcp://HOST:PORT`` on every node.
+"""
+
+import logging
+import os
+
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+import vimdet  # noqa: F401  (registers the backbone and the built-in datasets)
+from vimdet.checkpoint import VimDetCheckpointer
+from vimdet.engine import VimDetTrainer, build_cfg, write_prediction_pngs
+
+logger = logging.getLogger("vimdet")
+
+
+def setup(args):
+    cfg = build_cfg(args.config_file, args.opts)
+    default_setup(cfg, args)
+    return cfg
+
+
+def draw_test_predictions(cfg, model):
+    """PNGs of the first test set's predictions beside its ground truth (main process only)."""
+    if cfg.TEST.VIS_NUM_IMAGES <= 0 or not cfg.DATASETS.TEST or not comm.is_main_process():
+        return
+    model = model.module if hasattr(model, "module") else model
+    output_dir = os.path.join(cfg.OUTPUT_DIR, "predictions")
+    paths = write_prediction_pngs(
+        cfg,
+        model,
+        cfg.DATASETS.TEST[0],
+        output_dir,
+        cfg.TEST.VIS_NUM_IMAGES,
+        cfg.TEST.VIS_SCORE_THRESH,
+    )
+    logger.info(
+        "Wrote %d prediction PNGs (ground truth | prediction) to %s", len(paths), output_dir
+    )
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = VimDetTrainer.build_model(cfg)
+        VimDetCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = VimDetTrainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        draw_test_predictions(cfg, model)
+        return results
+
+    trainer = VimDetTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    results = trainer.train()
+    draw_test_predictions(cfg, trainer.model)
+    return results
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

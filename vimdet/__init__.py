@@ -1,0 +1,13 @@
+"""ViMDet: Vision Mamba backbones for Detectron2 detectors.
+
+``import vimdet`` registers the ``build_vim_fpn_backbone`` backbone in Detectron2's
+``BACKBONE_REGISTRY`` and the built-in ``vimdet_shapes_*`` datasets in its ``DatasetCatalog``;
+:func:`add_vimdet_config` adds ViMDet's config keys.
+"""
+
+__version__ = "0.1.0"
+
+from . import data, modeling  # noqa: F401  (imported for registration)
+from .config import add_vimdet_config
+
+__all__ = ["__version__", "add_vimdet_config"]

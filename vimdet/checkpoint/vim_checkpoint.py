@@ -1,0 +1,198 @@
+"""Released Vim classification checkpoints -> ViMDet trunk weights, and a strict checkpointer.
+
+A released file holds ``{"model": state_dict}`` with 415 tensors (for 24 blocks): the trunk,
+``cls_token``, ``pos_embed`` with the class row in the middle of the sequence (row M // 2 of
+M + 1), ``norm_f`` and the classifier ``head``. The detector keeps the trunk, drops the class
+token, its position row, ``norm_f`` and ``head``, and keeps the position grid (resized to each
+input's token grid at run time).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from torch import Tensor, nn
+
+from vimdet.modeling.vim import resize_pos_embed
+
+__all__ = [
+    "TRUNK_PREFIX",
+    "VimDetCheckpointer",
+    "convert_vim_state_dict",
+    "load_checkpoint_file",
+    "load_vim_trunk",
+]
+
+logger = logging.getLogger(__name__)
+
+# Where the trunk lives inside the detector: GeneralizedRCNN.backbone (VimFeaturePyramid).net.
+TRUNK_PREFIX = "backbone.net."
+_DROPPED_PREFIXES = ("head.", "norm_f.", "cls_token")
+_REQUIRED_KEYS = (
+    "patch_embed.proj.weight",
+    "pos_embed",
+    "layers.0.mixer.in_proj.weight",
+    "layers.0.mixer.A_b_log",
+)
+
+
+def load_checkpoint_file(path: str) -> Dict[str, Tensor]:
+    """Read a .pth/.pkl file and return its state dict (the ``model`` entry if there is one).
+
+    Released Vim files also pickle their training arguments, so the file is fully unpickled:
+    load only files you trust.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"checkpoint {path!r} does not exist; give the path of a Vim "
+            ".pth file (e.g. vim_t_midclstok_76p1acc.pth)"
+        )
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise ValueError(
+            f"checkpoint {path!r} could not be read by torch.load ({error}); is it a "
+            "complete PyTorch checkpoint file?"
+        ) from error
+    if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
+        content = content["model"]
+    if not isinstance(content, Mapping):
+        raise ValueError(f"checkpoint {path!r} holds a {type(content).__name__}, not a state dict")
+    return dict(content)
+
+
+def _split_cls_row(pos_embed: Tensor) -> Tuple[Tensor, bool]:
+    """Return the (1, M, C) patch rows of a (1, M or M+1, C) pos_embed and whether a row was cut."""
+    rows = pos_embed.shape[1]
+    if math.isqrt(rows) ** 2 == rows:
+        return pos_embed, False
+    patches = rows - 1
+    if math.isqrt(patches) ** 2 != patches:
+        raise ValueError(
+            f"pos_embed has {rows} rows: neither a square grid nor a square grid plus "
+            "one class-token row; this is not a Vim checkpoint ViMDet can convert"
+        )
+    middle = patches // 2
+    return torch.cat([pos_embed[:, :middle], pos_embed[:, middle + 1 :]], dim=1), True
+
+
+def convert_vim_state_dict(
+    state_dict: Mapping[str, Tensor], expected_dim: int | None = None
+) -> Tuple[Dict[str, Tensor], Dict[str, List[str]]]:
+    """Turn a released Vim state dict into trunk weights with the trunk's own names.
+
+    Returns ``(trunk_state, report)`` where report has the ``kept`` and ``dropped`` keys. Raises
+    ValueError if the dict is not a Vim checkpoint or its width differs from ``expected_dim``.
+    """
+    missing = [key for key in _REQUIRED_KEYS if key not in state_dict]
+    if missing:
+        sample = ", ".join(list(state_dict)[:5])
+        raise ValueError(
+            f"not a Vim checkpoint: keys {missing} are missing (its first keys are: "
+            f"{sample}). Expected a released Vim .pth with patch_embed, pos_embed and "
+            "layers.{i}.mixer.* tensors"
+        )
+    width = state_dict["patch_embed.proj.weight"].shape[0]
+    if expected_dim is not None and width != expected_dim:
+        raise ValueError(
+            f"the checkpoint is {width} wide but the model is {expected_dim} wide "
+            "(Vim-T 192, Vim-S 384, Vim-B 768); pick the matching MODEL.VIM.SIZE or "
+            "checkpoint"
+        )
+    trunk, kept, dropped = {}, [], []
+    for key, value in state_dict.items():
+        if key.startswith(_DROPPED_PREFIXES):
+            dropped.append(key)
+            continue
+        if key == "pos_embed":
+            value, had_cls_row = _split_cls_row(value)
+            if had_cls_row:
+                dropped.append("pos_embed[class-token row]")
+        trunk[key] = value
+        kept.append(key)
+    return trunk, {"kept": kept, "dropped": dropped}
+
+
+def _fit_to_trunk(trunk_state: Dict[str, Tensor], net: nn.Module, where: str) -> Dict[str, Tensor]:
+    """Resize pos_embed to the trunk's grid and raise on any other shape mismatch."""
+    own = net.state_dict()
+    fitted = dict(trunk_state)
+    if "pos_embed" in fitted and "pos_embed" in own:
+        src = fitted["pos_embed"]
+        side = math.isqrt(src.shape[1])
+        if (
+            src.shape[1] != own["pos_embed"].shape[1]
+            and side * side == src.shape[1]
+            and src.shape[2] == own["pos_embed"].shape[2]
+        ):
+            fitted["pos_embed"] = resize_pos_embed(src, (side, side), net.pretrain_grid)
+    wrong = [
+        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
+        for key, value in fitted.items()
+        if key in own and value.shape != own[key].shape
+    ]
+    if wrong:
+        listing = "\n  ".join(wrong[:8]) + ("\n  ..." if len(wrong) > 8 else "")
+        raise ValueError(
+            f"{where}: {len(wrong)} trunk tensors have the wrong shape:\n  {listing}\nThe "
+            f"checkpoint's Vim size differs from the model's (embed dim {net.embed_dim}, depth "
+            f"{net.depth}): set MODEL.VIM.SIZE (or EMBED_DIM/DEPTH) to match the checkpoint"
+        )
+    return fitted
+
+
+def load_vim_trunk(net: nn.Module, path: str) -> Dict[str, List[str]]:
+    """Load a released (or converted) Vim checkpoint into a :class:`VisionMamba` trunk.
+
+    Every trunk tensor must be present with the right shape; returns the conversion report.
+    """
+    state = load_checkpoint_file(path)
+    if any(key.startswith(TRUNK_PREFIX) for key in state):  # a converted detector checkpoint
+        state = {
+            key[len(TRUNK_PREFIX) :]: value
+            for key, value in state.items()
+            if key.startswith(TRUNK_PREFIX)
+        }
+    trunk, report = convert_vim_state_dict(state, expected_dim=net.embed_dim)
+    trunk = _fit_to_trunk(trunk, net, f"loading {path}")
+    result = net.load_state_dict(trunk, strict=False)
+    if result.missing_keys:
+        raise ValueError(
+            f"{path} lacks {len(result.missing_keys)} trunk tensors, e.g. "
+            f"{result.missing_keys[:4]}; was it saved from a shallower model?"
+        )
+    logger.info(
+        "Loaded %d Vim trunk tensors from %s (dropped: %s)",
+        len(report["kept"]),
+        path,
+        ", ".join(report["dropped"]) or "nothing",
+    )
+    return report
+
+
+class VimDetCheckpointer(DetectionCheckpointer):
+    """Detectron2's checkpointer, except that trunk tensors of the wrong shape are an error.
+
+    Detectron2 skips mismatched tensors with a warning, which would silently train a Vim-B
+    detector from a Vim-T checkpoint; here the load stops with a message naming the tensors.
+    The position grid is resized when only its size differs.
+    """
+
+    def _load_model(self, checkpoint):
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        net = getattr(getattr(model, "backbone", None), "net", None)
+        weights = checkpoint.get("model", {})
+        if net is not None and isinstance(weights, dict):
+            trunk = {
+                key[len(TRUNK_PREFIX) :]: value
+                for key, value in weights.items()
+                if key.startswith(TRUNK_PREFIX) and isinstance(value, Tensor)
+            }
+            fitted = _fit_to_trunk(trunk, net, "loading MODEL.WEIGHTS")
+            weights.update({TRUNK_PREFIX + key: value for key, value in fitted.items()})
+        return super()._load_model(checkpoint)

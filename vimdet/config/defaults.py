@@ -1,0 +1,68 @@
+"""ViMDet's config keys, added to a Detectron2 config by :func:`add_vimdet_config`."""
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_vimdet_config"]
+
+
+def add_vimdet_config(cfg: CN) -> None:
+    """Add ViMDet's keys (``MODEL.VIM``, ``MODEL.VIM_FPN``, solver extras) to ``cfg`` in place."""
+    cfg.MODEL.VIM = CN()
+    # Model size by name: "tiny" (192 wide), "small" (384) or "base" (768), all 24 blocks deep.
+    cfg.MODEL.VIM.SIZE = "tiny"
+    # Embedding width; 0 takes it from SIZE. Set with DEPTH for custom (e.g. test-sized) models.
+    cfg.MODEL.VIM.EMBED_DIM = 0
+    # Number of Vim blocks; 0 takes it from SIZE.
+    cfg.MODEL.VIM.DEPTH = 0
+    # Patch size and stride of the patch embedding, in pixels.
+    cfg.MODEL.VIM.PATCH_SIZE = 16
+    # Image size the position grid was trained at (224 -> a 14x14 grid, as released); the grid is
+    # resized bicubically to each input's own token grid.
+    cfg.MODEL.VIM.PRETRAIN_IMG_SIZE = 224
+    # SSM state size N per channel.
+    cfg.MODEL.VIM.D_STATE = 16
+    # Kernel size of the causal depthwise conv1d in the mixer.
+    cfg.MODEL.VIM.D_CONV = 4
+    # Inner width of the mixer as a multiple of the embedding width.
+    cfg.MODEL.VIM.EXPAND = 2
+    # Rank of the delta projection; 0 means ceil(embed_dim / 16) as in Mamba.
+    cfg.MODEL.VIM.DT_RANK = 0
+    # Highest stochastic-depth rate; block i > 0 gets linspace(0, rate, depth)[i - 1].
+    cfg.MODEL.VIM.DROP_PATH_RATE = 0.1
+    # Selective-scan backend: "auto" (cuda kernel on GPU if mamba-ssm is installed, else
+    # chunked), "cuda", "chunked" or "reference". $VIMDET_SCAN_BACKEND overrides "auto".
+    cfg.MODEL.VIM.SCAN_BACKEND = "auto"
+    # Recompute each block in the backward pass (activation checkpointing) to save memory.
+    cfg.MODEL.VIM.USE_CHECKPOINT = False
+    # A released Vim classification checkpoint (.pth) or a converted one to load into the trunk
+    # when the model is built; "" loads nothing (MODEL.WEIGHTS still applies afterwards).
+    cfg.MODEL.VIM.PRETRAINED = ""
+
+    cfg.MODEL.VIM_FPN = CN()
+    # 1-based Vim blocks whose output stream feeds the pyramid, one per level.
+    cfg.MODEL.VIM_FPN.IN_BLOCKS = [6, 12, 18, 24]
+    # Output stride of the level fed by each of IN_BLOCKS (powers of 2; the trunk is stride 16).
+    cfg.MODEL.VIM_FPN.STRIDES = [4, 8, 16, 32]
+    # Channels of every pyramid level.
+    cfg.MODEL.VIM_FPN.OUT_CHANNELS = 256
+    # Norm of the pyramid's convs: "LN" (channel LayerNorm, as ViTDet), "GN", "" for none.
+    cfg.MODEL.VIM_FPN.NORM = "LN"
+    # Add a level at twice the coarsest stride by max-pooling it (p6 for RPN anchors).
+    cfg.MODEL.VIM_FPN.TOP_BLOCK = True
+    # Pad every batch to this square size (ViTDet's LSJ style); 0 pads only to divisibility.
+    cfg.MODEL.VIM_FPN.SQUARE_PAD = 0
+
+    # Optimizer for the detector: "ADAMW" (ViTDet's recipe) or "SGD".
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Adam betas.
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+    # Layer-wise learning-rate decay over the Vim blocks (1.0 disables it).
+    cfg.SOLVER.LAYER_DECAY = 0.75
+    # Mixed-precision dtype when SOLVER.AMP.ENABLED: "bfloat16" or "float16".
+    cfg.SOLVER.AMP.DTYPE = "bfloat16"
+
+    # Number of test images drawn (predictions beside ground truth) into OUTPUT_DIR/predictions
+    # as PNGs after training; 0 draws none.
+    cfg.TEST.VIS_NUM_IMAGES = 8
+    # Score threshold for the boxes drawn in those PNGs.
+    cfg.TEST.VIS_SCORE_THRESH = 0.5

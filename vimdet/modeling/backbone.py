@@ -1,0 +1,187 @@
+"""A multi-level simple feature pyramid over the Vim trunk, registered with Detectron2.
+
+ViTDet (Li et al., arXiv 2203.16527) builds its pyramid from the last block alone; ViMDet feeds
+each level from its own block (by default blocks 6/12/18/24 -> strides 4/8/16/32), each resampled
+from the trunk's stride 16 with ViTDet's up/down-sampling and LayerNorm'd 1x1 and 3x3 convs, plus
+a max-pooled p6.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, Sequence
+
+from detectron2.config import CfgNode
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from torch import Tensor, nn
+
+from .vim import VIM_SIZES, VisionMamba
+
+__all__ = ["VimFeaturePyramid", "build_vim_fpn_backbone", "vim_trunk_kwargs"]
+
+logger = logging.getLogger(__name__)
+
+
+def _resampler(dim: int, scale: float, norm: str) -> tuple:
+    """Layers taking a stride-16 map to stride 16 / scale; returns (modules, out channels)."""
+    if scale == 4.0:
+        return [
+            nn.ConvTranspose2d(dim, dim // 2, 2, stride=2),
+            get_norm(norm or "", dim // 2),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2),
+        ], dim // 4
+    if scale == 2.0:
+        return [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)], dim // 2
+    if scale == 1.0:
+        return [], dim
+    if scale == 0.5:
+        return [nn.MaxPool2d(2, 2)], dim
+    raise ValueError(
+        f"VimFeaturePyramid: stride {16 / scale:g} is not supported; use strides "
+        "4, 8, 16 or 32 (the trunk's stride 16 times 1/4, 1/2, 1 or 2)"
+    )
+
+
+class VimFeaturePyramid(Backbone):
+    """Vim trunk + one pyramid level per tapped block; outputs ``p{log2(stride)}``.
+
+    Args:
+        net: the trunk; its ``out_blocks`` must contain ``in_blocks``.
+        in_blocks: 1-based blocks feeding the levels, fine to coarse.
+        strides: output stride of each level (4, 8, 16 or 32).
+        out_channels: channels of every level.
+        norm: norm of the 1x1/3x3 convs ("LN", "GN", "" ...).
+        top_block: add a max-pooled level at twice the coarsest stride.
+        square_pad: pad batches to this square size (0: only to ``size_divisibility``).
+    """
+
+    def __init__(
+        self,
+        net: VisionMamba,
+        in_blocks: Sequence[int] = (6, 12, 18, 24),
+        strides: Sequence[int] = (4, 8, 16, 32),
+        out_channels: int = 256,
+        norm: str = "LN",
+        top_block: bool = True,
+        square_pad: int = 0,
+    ):
+        super().__init__()
+        if len(in_blocks) != len(strides):
+            raise ValueError(
+                f"VimFeaturePyramid: {len(in_blocks)} in_blocks {tuple(in_blocks)} "
+                f"but {len(strides)} strides {tuple(strides)}; give one stride per "
+                "block"
+            )
+        missing = set(in_blocks) - set(net.out_blocks)
+        if missing:
+            raise ValueError(
+                f"VimFeaturePyramid: the trunk does not return blocks "
+                f"{sorted(missing)}; build it with out_blocks={tuple(in_blocks)}"
+            )
+        if list(strides) != sorted(strides):
+            raise ValueError(f"VimFeaturePyramid: strides {tuple(strides)} must go fine to coarse")
+        self.net = net
+        self.in_blocks = tuple(in_blocks)
+        self.square_pad = square_pad
+        dim = net.embed_dim
+        use_bias = norm == ""
+        self.stages = nn.ModuleList()
+        self._out_features = []
+        for stride in strides:
+            layers, channels = _resampler(dim, net.patch_size / stride, norm)
+            layers += [
+                Conv2d(channels, out_channels, 1, bias=use_bias, norm=get_norm(norm, out_channels)),
+                Conv2d(
+                    out_channels,
+                    out_channels,
+                    3,
+                    padding=1,
+                    bias=use_bias,
+                    norm=get_norm(norm, out_channels),
+                ),
+            ]
+            self.stages.append(nn.Sequential(*layers))
+            self._out_features.append(f"p{int(math.log2(stride))}")
+        self._out_feature_strides = dict(zip(self._out_features, strides))
+        self.top_block = LastLevelMaxPool() if top_block else None
+        if self.top_block is not None:
+            name = f"p{int(math.log2(strides[-1])) + 1}"
+            self._out_features.append(name)
+            self._out_feature_strides[name] = strides[-1] * 2
+        self._out_feature_channels = dict.fromkeys(self._out_features, out_channels)
+        # Every level's grid must be whole: pad inputs to the coarsest stride.
+        self._size_divisibility = max(self._out_feature_strides.values())
+
+    @property
+    def size_divisibility(self) -> int:
+        return self._size_divisibility
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        # The key is spelled as ImageList.from_tensors reads it (Detectron2's own
+        # SimpleFeaturePyramid misspells it, so its divisibility is silently ignored).
+        return {"size_divisibility": self._size_divisibility, "square_size": self.square_pad}
+
+    def forward(self, images: Tensor) -> Dict[str, Tensor]:
+        """images: (B, 3, H, W), H and W multiples of ``size_divisibility`` -> {p2..p6}."""
+        blocks = self.net(images)
+        outputs = {}
+        for name, block, stage in zip(self._out_features, self.in_blocks, self.stages):
+            outputs[name] = stage(blocks[f"block{block}"])
+        if self.top_block is not None:
+            coarsest = outputs[self._out_features[len(self.in_blocks) - 1]]
+            outputs[self._out_features[-1]] = self.top_block(coarsest)[0]
+        return outputs
+
+
+def vim_trunk_kwargs(cfg: CfgNode) -> dict:
+    """Keyword arguments of :class:`VisionMamba` from ``cfg.MODEL.VIM`` and ``MODEL.VIM_FPN``."""
+    vim = cfg.MODEL.VIM
+    if vim.SIZE and vim.SIZE not in VIM_SIZES:
+        raise ValueError(
+            f"MODEL.VIM.SIZE {vim.SIZE!r} is unknown; use one of "
+            f"{sorted(VIM_SIZES)} or set MODEL.VIM.EMBED_DIM and MODEL.VIM.DEPTH"
+        )
+    size = VIM_SIZES.get(vim.SIZE, {})
+    embed_dim = vim.EMBED_DIM or size.get("embed_dim", 0)
+    depth = vim.DEPTH or size.get("depth", 0)
+    if not embed_dim or not depth:
+        raise ValueError("MODEL.VIM: set SIZE, or both EMBED_DIM and DEPTH")
+    return dict(
+        embed_dim=embed_dim,
+        depth=depth,
+        patch_size=vim.PATCH_SIZE,
+        pretrain_img_size=vim.PRETRAIN_IMG_SIZE,
+        d_state=vim.D_STATE,
+        d_conv=vim.D_CONV,
+        expand=vim.EXPAND,
+        dt_rank=vim.DT_RANK or None,
+        drop_path_rate=vim.DROP_PATH_RATE,
+        out_blocks=tuple(cfg.MODEL.VIM_FPN.IN_BLOCKS),
+        scan_backend=vim.SCAN_BACKEND,
+        use_checkpoint=vim.USE_CHECKPOINT,
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_vim_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec | None = None) -> Backbone:
+    """Detectron2 builder: ``MODEL.BACKBONE.NAME: build_vim_fpn_backbone``."""
+    net = VisionMamba(**vim_trunk_kwargs(cfg))
+    if cfg.MODEL.VIM.PRETRAINED:
+        from vimdet.checkpoint import load_vim_trunk
+
+        load_vim_trunk(net, cfg.MODEL.VIM.PRETRAINED)
+    fpn = cfg.MODEL.VIM_FPN
+    return VimFeaturePyramid(
+        net,
+        in_blocks=fpn.IN_BLOCKS,
+        strides=fpn.STRIDES,
+        out_channels=fpn.OUT_CHANNELS,
+        norm=fpn.NORM,
+        top_block=fpn.TOP_BLOCK,
+        square_pad=fpn.SQUARE_PAD,
+    )

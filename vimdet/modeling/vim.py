@@ -1,0 +1,304 @@
+"""The Vision Mamba (Vim) trunk: Zhu et al., "Vision Mamba", arXiv 2401.09417 (ICML 2024).
+
+Parameter names equal those of the released classification checkpoints (``patch_embed.proj.*``,
+``pos_embed``, ``layers.{i}.norm.weight``, ``layers.{i}.mixer.*``), so their trunk tensors load
+one to one. There is no class token: a detector reads a dense token grid.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from vimdet.ops import selective_scan
+
+__all__ = ["VIM_SIZES", "RMSNorm", "BiMambaMixer", "VimBlock", "VisionMamba", "resize_pos_embed"]
+
+# Published Vim sizes (Table 1 of the paper): embedding width and depth.
+VIM_SIZES: Dict[str, Dict[str, int]] = {
+    "tiny": {"embed_dim": 192, "depth": 24},
+    "small": {"embed_dim": 384, "depth": 24},
+    "base": {"embed_dim": 768, "depth": 24},
+}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32. x: (..., dim)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32 * self.weight.float()
+
+
+class _DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al. 2016): zero whole samples with prob ``rate``."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class BiMambaMixer(nn.Module):
+    """Vim's bidirectional Mamba mixer ("bimamba v2" with divide-out).
+
+    x, z = in_proj(h); each direction runs a causal depthwise conv, SiLU, x_proj -> (dt, B, C),
+    dt_proj and the selective scan gated by SiLU(z); the backward direction has its own weights
+    (``*_b``) and sees the sequence flipped. Output: out_proj((y_fwd + y_bwd) / 2).
+    Input and output: (B, L, dim).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+        scan_backend: str = "auto",
+    ):
+        super().__init__()
+        self.dim = dim
+        self.d_state = d_state
+        self.d_inner = expand * dim
+        self.dt_rank = dt_rank or math.ceil(dim / 16)
+        self.scan_backend = scan_backend
+        inner, rank = self.d_inner, self.dt_rank
+
+        self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+        for suffix in ("", "_b"):
+            conv = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1, bias=True)
+            x_proj = nn.Linear(inner, rank + 2 * d_state, bias=False)
+            dt_proj = nn.Linear(rank, inner, bias=True)
+            self._init_dt_proj(dt_proj, rank, dt_min, dt_max, dt_init_floor)
+            a_init = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(inner, 1)
+            self.add_module("conv1d" + suffix, conv)
+            self.add_module("x_proj" + suffix, x_proj)
+            self.add_module("dt_proj" + suffix, dt_proj)
+            self.register_parameter(
+                "A_log" if not suffix else "A_b_log", nn.Parameter(torch.log(a_init))
+            )
+            self.register_parameter("D" + suffix, nn.Parameter(torch.ones(inner)))
+
+    @staticmethod
+    def _init_dt_proj(
+        dt_proj: nn.Linear, rank: int, dt_min: float, dt_max: float, floor: float
+    ) -> None:
+        # Mamba's init: weight ~ U(+-rank^-0.5); bias = softplus^-1(dt), dt log-uniform.
+        bound = rank**-0.5
+        nn.init.uniform_(dt_proj.weight, -bound, bound)
+        dt = torch.exp(
+            torch.rand(dt_proj.out_features) * (math.log(dt_max) - math.log(dt_min))
+            + math.log(dt_min)
+        ).clamp(min=floor)
+        with torch.no_grad():
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def _scan_one_direction(self, x: Tensor, z: Tensor, suffix: str) -> Tensor:
+        """x, z: (B, E, L) -> (B, E, L) for the direction whose weights end in ``suffix``."""
+        conv: nn.Conv1d = getattr(self, "conv1d" + suffix)
+        x_proj: nn.Linear = getattr(self, "x_proj" + suffix)
+        dt_proj: nn.Linear = getattr(self, "dt_proj" + suffix)
+        a_log: Tensor = getattr(self, "A_log" if not suffix else "A_b_log")
+        skip: Tensor = getattr(self, "D" + suffix)
+        length = x.shape[-1]
+        x = F.silu(conv(x)[..., :length])
+        dt, b, c = torch.split(
+            x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias
+        return selective_scan(
+            x,
+            delta,
+            -torch.exp(a_log.float()),
+            b.transpose(1, 2),
+            c.transpose(1, 2),
+            D=skip.float(),
+            z=z,
+            delta_bias=dt_proj.bias.float(),
+            delta_softplus=True,
+            backend=self.scan_backend,
+        )
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+        y_forward = self._scan_one_direction(x, z, "")
+        y_backward = self._scan_one_direction(x.flip(-1), z.flip(-1), "_b").flip(-1)
+        return self.out_proj(((y_forward + y_backward) / 2).transpose(1, 2))
+
+
+class VimBlock(nn.Module):
+    """Add -> RMSNorm -> mixer, with the residual stream kept in fp32.
+
+    ``forward(h_prev, residual_prev) -> (h, residual)`` where residual = residual_prev +
+    drop_path(h_prev) (or h_prev itself for the first block) and h = mixer(norm(residual)).
+    """
+
+    def __init__(self, dim: int, drop_path: float = 0.0, **mixer_kwargs):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.mixer = BiMambaMixer(dim, **mixer_kwargs)
+        self.drop_path = _DropPath(drop_path)
+
+    def forward(self, hidden: Tensor, residual: Tensor | None) -> Tuple[Tensor, Tensor]:
+        if residual is None:
+            residual = hidden.float()
+        else:
+            residual = residual + self.drop_path(hidden).float()
+        return self.mixer(self.norm(residual)), residual
+
+
+def resize_pos_embed(
+    pos_embed: Tensor, src_grid: Tuple[int, int], dst_grid: Tuple[int, int]
+) -> Tensor:
+    """Bicubically resize a (1, Hs*Ws, C) position grid to (1, Hd*Wd, C); exact if sizes match."""
+    if tuple(src_grid) == tuple(dst_grid):
+        return pos_embed
+    channels = pos_embed.shape[-1]
+    grid = pos_embed.reshape(1, src_grid[0], src_grid[1], channels).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=dst_grid, mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, dst_grid[0] * dst_grid[1], channels).to(pos_embed)
+
+
+class _PatchEmbed(nn.Module):
+    """Non-overlapping patches: (B, 3, H, W) -> (B, H/p * W/p, dim) and the grid (H/p, W/p)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        height, width = x.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"VisionMamba: input {height}x{width} is not a multiple of the patch "
+                f"size {self.patch_size}; pad it (the detector pads to the backbone's "
+                "size_divisibility)"
+            )
+        x = self.proj(x)
+        return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
+
+
+class VisionMamba(nn.Module):
+    """The Vim trunk for dense prediction: patch embed + position grid + Vim blocks.
+
+    ``forward(images (B, 3, H, W))`` returns ``{"block{k}": (B, dim, H/16, W/16)}`` for each
+    requested 1-based block k, where the feature after block k is ``residual_k + h_k`` (fp32,
+    before any norm).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 192,
+        depth: int = 24,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        pretrain_img_size: int = 224,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        drop_path_rate: float = 0.0,
+        out_blocks: Sequence[int] = (6, 12, 18, 24),
+        scan_backend: str = "auto",
+        use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        out_blocks = tuple(int(k) for k in out_blocks)
+        if not out_blocks or min(out_blocks) < 1 or max(out_blocks) > depth:
+            raise ValueError(
+                f"VisionMamba: out_blocks {out_blocks} must be 1-based block numbers "
+                f"in [1, depth={depth}]"
+            )
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.patch_size = patch_size
+        self.out_blocks = out_blocks
+        self.use_checkpoint = use_checkpoint
+        self.pretrain_grid = (pretrain_img_size // patch_size,) * 2
+
+        self.patch_embed = _PatchEmbed(patch_size, in_chans, embed_dim)
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, self.pretrain_grid[0] * self.pretrain_grid[1], embed_dim)
+        )
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # Vim's schedule: block 0 gets 0, block i gets linspace(0, rate, depth)[i - 1].
+        rates = [0.0] + torch.linspace(0, drop_path_rate, depth).tolist()
+        self.layers = nn.ModuleList(
+            VimBlock(
+                embed_dim,
+                drop_path=rates[i],
+                d_state=d_state,
+                d_conv=d_conv,
+                expand=expand,
+                dt_rank=dt_rank,
+                scan_backend=scan_backend,
+            )
+            for i in range(depth)
+        )
+        self._pos_cache: Dict[Tuple, Tensor] = {}
+        self.apply(self._init_linear)
+
+    @staticmethod
+    def _init_linear(module: nn.Module) -> None:
+        # in_proj, x_proj and out_proj (no bias) get Vim's trunc-normal init; dt_proj (with
+        # bias) keeps Mamba's init from BiMambaMixer.
+        if isinstance(module, nn.Linear) and module.bias is None:
+            nn.init.trunc_normal_(module.weight, std=0.02)
+
+    def position_embedding(self, grid: Tuple[int, int]) -> Tensor:
+        """The position grid resized to ``grid``; cached per size while no gradient is needed."""
+        if grid == self.pretrain_grid:
+            return self.pos_embed
+        if torch.is_grad_enabled() and self.pos_embed.requires_grad:
+            return resize_pos_embed(self.pos_embed, self.pretrain_grid, grid)
+        key = (grid, self.pos_embed._version, self.pos_embed.device, self.pos_embed.dtype)
+        if key not in self._pos_cache:
+            self._pos_cache = {k: v for k, v in self._pos_cache.items() if k[1] == key[1]}
+            self._pos_cache[key] = resize_pos_embed(
+                self.pos_embed.detach(), self.pretrain_grid, grid
+            )
+        return self._pos_cache[key]
+
+    def forward(self, images: Tensor) -> Dict[str, Tensor]:
+        tokens, grid = self.patch_embed(images)
+        hidden = tokens + self.position_embedding(grid)
+        residual: Tensor | None = None
+        outputs = {}
+        last = max(self.out_blocks)
+        for index, layer in enumerate(self.layers[:last], start=1):
+            if self.use_checkpoint and self.training:
+                hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False)
+            else:
+                hidden, residual = layer(hidden, residual)
+            if index in self.out_blocks:
+                feature = residual + hidden.float()
+                outputs[f"block{index}"] = feature.transpose(1, 2).reshape(
+                    feature.shape[0], self.embed_dim, grid[0], grid[1]
+                )
+        return outputs
