@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 from typing import Dict, List, Mapping, Tuple
 
 import torch
@@ -54,7 +55,7 @@ def load_checkpoint_file(path: str) -> Dict[str, Tensor]:
         )
     try:
         content = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
         raise ValueError(
             f"checkpoint {path!r} could not be read by torch.load ({error}); is it a "
             "complete PyTorch checkpoint file?"

@@ -24,6 +24,7 @@ Typical use::
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -62,6 +63,8 @@ _MIN_VISIBLE_FRACTION = 0.5  # each object keeps at least this much of its area 
 _MIN_COMPONENT_AREA = 20  # px, no tiny visible fragments (they would make degenerate polygons)
 _MIN_CONTRAST = 60.0  # Euclidean RGB distance between an object colour and what lies under it
 _JPEG_QUALITY = 92
+# Splits at least this large are drawn by a pool of worker processes.
+_PARALLEL_MIN_IMAGES = 200
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -551,6 +554,21 @@ def _generate(spec: _ShapesSpec) -> Path:
         return _generate_locked(spec)
 
 
+def _render_image(spec: _ShapesSpec, index: int) -> tuple[dict, list[dict]]:
+    """Draw image ``index`` of a split, write its file; return its COCO record and objects."""
+    image_id = index + 1
+    # Per-image generator: image i depends only on (seed, split, i), not on num_images.
+    rng = np.random.default_rng([spec.seed, _split_key(spec.split), index])
+    img, objects = _generate_image(rng, spec)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
+    if not ok:  # pragma: no cover - cv2 failure
+        raise OSError(f"cv2 failed to encode image {index} of split '{spec.split}'.")
+    file_name = _image_file_name(image_id)
+    _atomic_write_bytes(spec.image_root / file_name, buf.tobytes())
+    record = {"id": image_id, "file_name": file_name, "width": img.shape[1], "height": img.shape[0]}
+    return record, objects
+
+
 def _generate_locked(spec: _ShapesSpec) -> Path:
     # A stale json (other parameters, or missing images) must not survive while images are
     # being rewritten: remove it first so a crash leaves no json at all.
@@ -564,25 +582,20 @@ def _generate_locked(spec: _ShapesSpec) -> Path:
     )
 
     images, annotations = [], []
-    split_key = _split_key(spec.split)
-    for index in range(spec.num_images):
-        image_id = index + 1
-        # Per-image generator: image i depends only on (seed, split, i), not on num_images.
-        rng = np.random.default_rng([spec.seed, split_key, index])
-        img, objects = _generate_image(rng, spec)
-        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
-        if not ok:  # pragma: no cover - cv2 failure
-            raise OSError(f"cv2 failed to encode image {index} of split '{spec.split}'.")
-        if (index + 1) % 500 == 0:
-            logger.info("  %d / %d images", index + 1, spec.num_images)
-        file_name = _image_file_name(image_id)
-        _atomic_write_bytes(spec.image_root / file_name, buf.tobytes())
-        images.append(
-            {"id": image_id, "file_name": file_name, "width": img.shape[1], "height": img.shape[0]}
-        )
+    indices = range(spec.num_images)
+    workers = min(os.cpu_count() or 1, 16) if spec.num_images >= _PARALLEL_MIN_IMAGES else 1
+    if workers > 1:
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            rendered = pool.map(_render_image, [spec] * spec.num_images, indices, chunksize=16)
+            records = list(rendered)
+    else:
+        records = [_render_image(spec, index) for index in indices]
+    for image, objects in records:
+        images.append(image)
         for obj in objects:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **obj})
-            annotations[-1]["iscrowd"] = 0
+            annotations.append(
+                {"id": len(annotations) + 1, "image_id": image["id"], **obj, "iscrowd": 0}
+            )
 
     coco = {
         "info": {

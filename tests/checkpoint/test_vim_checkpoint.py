@@ -1,0 +1,157 @@
+"""Released-layout Vim checkpoints convert and load with every trunk tensor matched, or fail."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import vimdet  # noqa: F401
+from vimdet import add_vimdet_config
+from vimdet.checkpoint import TRUNK_PREFIX, VimDetCheckpointer, load_vim_trunk
+from vimdet.modeling import VisionMamba
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Vim-T's width at reduced depth, as the test's stand-in for a released file.
+DIM, DEPTH = 192, 2
+
+
+def released_state_dict(dim=DIM, depth=DEPTH, seed=0):
+    """A state dict laid out like a released Vim file: trunk + cls token in the middle + head."""
+    gen = torch.Generator().manual_seed(seed)
+    trunk = VisionMamba(embed_dim=dim, depth=depth, out_blocks=(depth,)).state_dict()
+    state = {key: torch.randn(value.shape, generator=gen) for key, value in trunk.items()}
+    grid = state.pop("pos_embed")  # (1, 196, dim) -> insert the class row at index 98
+    cls_row = torch.full((1, 1, dim), 7.0)
+    state["pos_embed"] = torch.cat([grid[:, :98], cls_row, grid[:, 98:]], dim=1)
+    state["cls_token"] = torch.randn(1, 1, dim, generator=gen)
+    state["norm_f.weight"] = torch.ones(dim)
+    state["head.weight"] = torch.randn(1000, dim, generator=gen)
+    state["head.bias"] = torch.zeros(1000)
+    return state, grid
+
+
+def detector_cfg(dim=DIM, depth=DEPTH):
+    cfg = get_cfg()
+    add_vimdet_config(cfg)
+    cfg.merge_from_file(str(REPO / "configs" / "Base-Cascade-ViMDet.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.VIM.SIZE = ""
+    cfg.MODEL.VIM.EMBED_DIM = dim
+    cfg.MODEL.VIM.DEPTH = depth
+    cfg.MODEL.VIM_FPN.IN_BLOCKS = [1, 1, 2, 2]
+    cfg.MODEL.VIM_FPN.OUT_CHANNELS = 32
+    cfg.MODEL.ROI_BOX_HEAD.CONV_DIM = 32
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
+    return cfg
+
+
+def convert(tmp_path, state, *extra):
+    source = tmp_path / "vim_released.pth"
+    torch.save({"model": state, "args": {"model": "vim_tiny"}}, source)
+    target = tmp_path / "converted.pth"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "convert_vim_checkpoint.py"),
+            "--input",
+            str(source),
+            "--output",
+            str(target),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    return result, target
+
+
+def test_convert_and_load_matches_every_trunk_tensor(tmp_path):
+    state, grid = released_state_dict()
+    result, target = convert(tmp_path, state, "--size", "tiny")
+    assert result.returncode == 0, result.stderr
+    assert "dropped 5: " in result.stdout
+    for dropped in (
+        "head.weight",
+        "head.bias",
+        "norm_f.weight",
+        "cls_token",
+        "pos_embed[class-token row]",
+    ):
+        assert dropped in result.stdout
+
+    model = build_model(detector_cfg())
+    VimDetCheckpointer(model).load(str(target))
+    loaded = model.backbone.net.state_dict()
+    expected = {
+        key: value
+        for key, value in state.items()
+        if not key.startswith(("head.", "norm_f.", "cls_token"))
+    }
+    expected["pos_embed"] = grid  # the 196 patch rows, class row removed
+    assert set(loaded) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+
+    saved = torch.load(target, weights_only=True)["model"]
+    assert all(key.startswith(TRUNK_PREFIX) for key in saved)
+
+
+def test_pretrained_key_loads_a_released_file_directly(tmp_path):
+    state, grid = released_state_dict()
+    path = tmp_path / "vim_released.pth"
+    torch.save({"model": state}, path)
+    cfg = detector_cfg()
+    cfg.MODEL.VIM.PRETRAINED = str(path)
+    model = build_model(cfg)
+    torch.testing.assert_close(model.backbone.net.pos_embed.data, grid)
+    torch.testing.assert_close(
+        model.backbone.net.layers[1].mixer.A_b_log.data, state["layers.1.mixer.A_b_log"]
+    )
+
+
+def test_position_grid_of_another_size_is_resized(tmp_path):
+    state, _ = released_state_dict()
+    net = VisionMamba(embed_dim=DIM, depth=DEPTH, out_blocks=(DEPTH,), pretrain_img_size=320)
+    path = tmp_path / "vim_released.pth"
+    torch.save({"model": state}, path)
+    load_vim_trunk(net, str(path))
+    assert net.pos_embed.shape == (1, 20 * 20, DIM)
+
+
+def test_wrong_width_is_refused_by_the_converter(tmp_path):
+    state, _ = released_state_dict()
+    result, target = convert(tmp_path, state, "--size", "small")
+    assert result.returncode == 1
+    assert "the checkpoint is 192 wide but the model is 384 wide" in result.stderr
+    assert not target.exists()
+
+
+def test_wrong_width_checkpoint_is_an_error_when_loading(tmp_path):
+    state, _ = released_state_dict()
+    _, target = convert(tmp_path, state)
+    model = build_model(detector_cfg(dim=96))
+    with pytest.raises(ValueError, match=r"(?s)trunk tensors have the wrong shape.*MODEL.VIM.SIZE"):
+        VimDetCheckpointer(model).load(str(target))
+
+
+def test_not_a_vim_checkpoint(tmp_path):
+    resnet_like = {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 64)}
+    result, _ = convert(tmp_path, resnet_like)
+    assert result.returncode == 1
+    assert "not a Vim checkpoint" in result.stderr and "conv1.weight" in result.stderr
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    net = VisionMamba(embed_dim=8, depth=1, out_blocks=(1,))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_vim_trunk(net, str(tmp_path / "nowhere.pth"))
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a torch file at all")
+    with pytest.raises(ValueError, match="could not be read by torch.load"):
+        load_vim_trunk(net, str(broken))

@@ -1,0 +1,108 @@
+"""The Detectron2 backbone: registry, config, pyramid shapes, padding and gradients."""
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
+from detectron2.structures import ImageList
+
+import vimdet  # noqa: F401
+from vimdet import add_vimdet_config
+
+
+def tiny_cfg(**overrides):
+    cfg = get_cfg()
+    add_vimdet_config(cfg)
+    cfg.MODEL.BACKBONE.NAME = "build_vim_fpn_backbone"
+    cfg.MODEL.VIM.SIZE = ""
+    cfg.MODEL.VIM.EMBED_DIM = 32
+    cfg.MODEL.VIM.DEPTH = 4
+    cfg.MODEL.VIM_FPN.IN_BLOCKS = [1, 2, 3, 4]
+    cfg.MODEL.VIM_FPN.OUT_CHANNELS = 16
+    for key, value in overrides.items():
+        cfg.merge_from_list([key, value])
+    return cfg
+
+
+def test_registered_under_its_name():
+    assert "build_vim_fpn_backbone" in BACKBONE_REGISTRY
+
+
+@pytest.mark.parametrize("size", [(128, 128), (96, 160), (101, 77)], ids=["square", "wide", "odd"])
+def test_pyramid_shapes_after_padding(size):
+    backbone = build_backbone(tiny_cfg())
+    assert backbone.size_divisibility == 64
+    images = ImageList.from_tensors(
+        [torch.randn(3, *size)],
+        backbone.size_divisibility,
+        padding_constraints=backbone.padding_constraints,
+    )
+    height, width = images.tensor.shape[-2:]
+    assert height % 64 == 0 and width % 64 == 0
+    outputs = backbone(images.tensor)
+    specs = backbone.output_shape()
+    assert list(outputs) == ["p2", "p3", "p4", "p5", "p6"]
+    for name, feature in outputs.items():
+        stride = specs[name].stride
+        assert feature.shape == (1, specs[name].channels, height // stride, width // stride), name
+    assert [specs[n].stride for n in outputs] == [4, 8, 16, 32, 64]
+
+
+def test_padding_constraints_use_the_key_imagelist_reads():
+    backbone = build_backbone(tiny_cfg())
+    assert backbone.padding_constraints["size_divisibility"] == 64
+    square = build_backbone(tiny_cfg(**{"MODEL.VIM_FPN.SQUARE_PAD": "256"}))
+    images = ImageList.from_tensors(
+        [torch.randn(3, 100, 70)], padding_constraints=square.padding_constraints
+    )
+    assert images.tensor.shape[-2:] == (256, 256)
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    backbone = build_backbone(tiny_cfg())
+    outputs = backbone(torch.randn(2, 3, 64, 128))
+    sum(feature.square().mean() for feature in outputs.values()).backward()
+    missing = [n for n, p in backbone.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing
+
+
+def test_levels_feed_from_their_blocks():
+    cfg = tiny_cfg(
+        **{
+            "MODEL.VIM_FPN.IN_BLOCKS": "[2, 4]",
+            "MODEL.VIM_FPN.STRIDES": "[8, 16]",
+            "MODEL.VIM_FPN.TOP_BLOCK": "False",
+        }
+    )
+    backbone = build_backbone(cfg)
+    assert backbone.net.out_blocks == (2, 4)
+    assert list(backbone.output_shape()) == ["p3", "p4"]
+    assert backbone.size_divisibility == 16
+
+
+def test_named_sizes():
+    cfg = tiny_cfg(
+        **{
+            "MODEL.VIM.SIZE": "small",
+            "MODEL.VIM.EMBED_DIM": "0",
+            "MODEL.VIM.DEPTH": "0",
+            "MODEL.VIM_FPN.IN_BLOCKS": "[6, 12, 18, 24]",
+        }
+    )
+    backbone = build_backbone(cfg)
+    assert backbone.net.embed_dim == 384 and len(backbone.net.layers) == 24
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"MODEL.VIM.SIZE": "huge"}, "MODEL.VIM.SIZE 'huge' is unknown"),
+        ({"MODEL.VIM_FPN.STRIDES": "[4, 8, 16]"}, "give one stride per block"),
+        ({"MODEL.VIM_FPN.STRIDES": "[2, 8, 16, 32]"}, "stride 2 is not supported"),
+        ({"MODEL.VIM_FPN.IN_BLOCKS": "[1, 2, 3, 9]"}, r"1-based block numbers in \[1, depth=4\]"),
+    ],
+)
+def test_bad_config_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_backbone(tiny_cfg(**overrides))

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Convert a released Vim ImageNet checkpoint into a ViMDet trunk checkpoint for MODEL.WEIGHTS.
+
+    python tools/convert_vim_checkpoint.py --input vim_t_midclstok_76p1acc.pth \\
+        --output checkpoints/vim_t.pth [--size tiny]
+
+Keeps every trunk tensor under ``backbone.net.`` (the detector's names), drops ``head``,
+``norm_f``, the class token and its position row, and keeps the 14x14 position grid (resized to
+each input's token grid at run time). Prints what it kept and dropped.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+from vimdet.checkpoint import TRUNK_PREFIX, convert_vim_state_dict, load_checkpoint_file
+from vimdet.modeling import VIM_SIZES
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, help="released Vim .pth file")
+    parser.add_argument("--output", required=True, help="where to write the converted .pth")
+    parser.add_argument(
+        "--size",
+        choices=sorted(VIM_SIZES),
+        default=None,
+        help="refuse a checkpoint whose width is not this Vim size's",
+    )
+    args = parser.parse_args(argv)
+
+    expected_dim = VIM_SIZES[args.size]["embed_dim"] if args.size else None
+    try:
+        state = load_checkpoint_file(args.input)
+        trunk, report = convert_vim_state_dict(state, expected_dim=expected_dim)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"convert_vim_checkpoint: {error}", file=sys.stderr)
+        return 1
+    width = trunk["patch_embed.proj.weight"].shape[0]
+    depth = len({key.split(".")[1] for key in trunk if key.startswith("layers.")})
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    torch.save(
+        {
+            "model": {TRUNK_PREFIX + key: value for key, value in trunk.items()},
+            "__author__": "vimdet",
+            "matching_heuristics": False,
+        },
+        args.output,
+    )
+    print(
+        f"Vim trunk: width {width}, {depth} blocks, position grid {tuple(trunk['pos_embed'].shape)}"
+    )
+    print(f"kept {len(report['kept'])} tensors (as {TRUNK_PREFIX}*)")
+    print(f"dropped {len(report['dropped'])}: {', '.join(report['dropped'])}")
+    print(f"wrote {args.output}; use it as MODEL.WEIGHTS {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
