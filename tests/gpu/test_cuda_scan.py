@@ -112,6 +112,13 @@ def test_backbone_bf16_autocast_cuda_vs_chunked():
     for name in out_fast:
         assert out_fast[name].shape == out_portable[name].shape
         assert_close(out_fast[name], out_portable[name], torch.bfloat16, name)
-    sum(v.float().square().mean() for v in out_fast.values()).backward()
-    grads = [p.grad for p in fast.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    for outputs, model in ((out_fast, fast), (out_portable, portable)):
+        sum(v.float().square().mean() for v in outputs.values()).backward()
+        grads = [p.grad for p in model.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    for (name, p_fast), p_portable in zip(fast.named_parameters(), portable.parameters()):
+        # Whole-network bf16 gradients: both runs share every op but the scan, whose bf16
+        # outputs differ by rounding; that difference passes through 4 blocks, hence 10%.
+        scale = p_portable.grad.abs().max().clamp(min=1e-6)
+        error = ((p_fast.grad - p_portable.grad).abs().max() / scale).item()
+        assert error <= 0.1, f"grad of {name}: relative error {error:.2e}"

@@ -174,3 +174,15 @@ def test_bad_inputs_raise_clear_errors(name, bad, message):
     for scan in (selective_scan_reference, selective_scan_chunked):
         with pytest.raises((ValueError, TypeError), match=message):
             scan(**inputs)
+
+
+def test_chunked_stays_fp32_under_autocast():
+    # Autocast would run the scan's contractions in bf16; the op must compute in fp32 anyway.
+    inputs, softplus = make_inputs(2, 3, 50, 4, torch.float32, **FLAGS["mamba"])
+    expected, expected_grads = run_with_grads(selective_scan_chunked, inputs, softplus)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual, actual_grads = run_with_grads(selective_scan_chunked, inputs, softplus)
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+    for name in expected_grads:
+        torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-6, atol=1e-6)

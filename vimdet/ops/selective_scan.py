@@ -273,6 +273,16 @@ class _SelectiveScanCore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, delta, A, delta_u, B, C):
+        with torch.autocast(delta.device.type, enabled=False):  # fp32 inside, even under AMP
+            return _SelectiveScanCore._forward(ctx, delta, A, delta_u, B, C)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return _SelectiveScanCore._backward(ctx, grad_y.float())
+
+    @staticmethod
+    def _forward(ctx, delta, A, delta_u, B, C):
         batch, length, channels = delta.shape
         state_size = A.shape[1]
         decay = torch.mul(delta[..., None], A).exp_()  # (B, L, C, N)
@@ -285,7 +295,7 @@ class _SelectiveScanCore(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def _backward(ctx, grad_y):
         delta, A, delta_u, B, C, decay, state = ctx.saved_tensors
         batch, length, channels, state_size = state.shape
         flat = (batch, length, channels * state_size)
