@@ -80,16 +80,21 @@ def main():
         f"backbone batch {args.batch}, 800x1333 input (padded to 832x1344), median of "
         f"{args.repeats}"
     )
+    total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     print("| model | scan | backbone fwd+bwd ms/img | backbone peak GiB | detector infer ms/img |")
     print("|---|---|---|---|---|")
     for size in args.sizes:
         for backend in args.backends:
-            train_ms, peak, infer_ms = measure(size, backend, args.batch, args.repeats)
-            print(
-                f"| Vim-{size[0].upper()} | {backend} | {train_ms:.1f} | {peak:.2f} | "
-                f"{infer_ms:.1f} |",
-                flush=True,
-            )
+            name = f"Vim-{size[0].upper()}"
+            try:
+                train_ms, peak, infer_ms = measure(size, backend, args.batch, args.repeats)
+            except torch.OutOfMemoryError:
+                print(f"| {name} | {backend} | out of memory | > {total_gib:.0f} | - |", flush=True)
+            else:
+                print(
+                    f"| {name} | {backend} | {train_ms:.1f} | {peak:.2f} | {infer_ms:.1f} |",
+                    flush=True,
+                )
             torch.cuda.empty_cache()
 
 
