@@ -5,6 +5,7 @@ Detectron2's catalogs (registration only; their files are generated on first use
 COCO itself uses Detectron2's own built-in registrations (``coco_2017_train``, ...).
 """
 
+from .checks import CheckedDatasetMapper, explain_dataset_errors
 from .shapes import (
     SHAPES_CLASSES,
     ensure_shapes_dataset,
@@ -14,6 +15,8 @@ from .shapes import (
 )
 
 __all__ = [
+    "CheckedDatasetMapper",
+    "explain_dataset_errors",
     "SHAPES_CLASSES",
     "ensure_shapes_dataset",
     "generate_shapes_dataset",

@@ -33,7 +33,7 @@ def build_cfg(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     try:
         cfg.merge_from_file(config_file)
         cfg.merge_from_list(list(opts))
-    except KeyError as error:
+    except (KeyError, AssertionError) as error:  # yacs: KeyError from files, assert from lists
         raise KeyError(
             f"{error.args[0]} (in {config_file} or the command line). Check the key's "
             "spelling against vimdet/config/defaults.py and Detectron2's "
