@@ -105,6 +105,30 @@ def test_eval_only_returns_coco_results(trained, monkeypatch):
     ).exists()
 
 
+def test_demo_draws_pngs(trained):
+    root, output, _ = trained
+    images = sorted((root / "datasets" / "vimdet_shapes" / "val").glob("*.jpg"))[:2]
+    command = [
+        sys.executable,
+        str(REPO / "tools" / "demo.py"),
+        "--config-file",
+        str(CONFIG),
+        "--input",
+        *map(str, images),
+        "--output",
+        str(root / "pictures"),
+        "MODEL.WEIGHTS",
+        str(output / "model_final.pth"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pictures = sorted((root / "pictures").glob("*.png"))
+    assert [p.stem for p in pictures] == [p.stem for p in images]
+    missing = command[:5] + [str(root / "nowhere.jpg"), "--output", str(root / "pictures")]
+    result = subprocess.run(missing, capture_output=True, text=True, cwd=root)
+    assert result.returncode != 0 and "is neither an image file nor a folder" in result.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -2,12 +2,13 @@
 
 from .setup import build_cfg
 from .trainer import VimDetTrainer
-from .visualize import draw_predictions, predict_image, write_prediction_pngs
+from .visualize import draw_predictions, predict_image, to_rgb, write_prediction_pngs
 
 __all__ = [
     "VimDetTrainer",
     "build_cfg",
     "draw_predictions",
     "predict_image",
+    "to_rgb",
     "write_prediction_pngs",
 ]

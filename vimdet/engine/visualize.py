@@ -15,7 +15,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 
-__all__ = ["predict_image", "draw_predictions", "write_prediction_pngs"]
+__all__ = ["predict_image", "draw_predictions", "to_rgb", "write_prediction_pngs"]
 
 
 @torch.no_grad()
@@ -38,7 +38,8 @@ def predict_image(model: torch.nn.Module, image: np.ndarray, cfg: CfgNode) -> In
     return outputs["instances"].to("cpu")
 
 
-def _to_rgb(image: np.ndarray, image_format: str) -> np.ndarray:
+def to_rgb(image: np.ndarray, image_format: str) -> np.ndarray:
+    """An image read in ``image_format`` (RGB or BGR) as RGB."""
     return image[:, :, ::-1] if image_format == "BGR" else image
 
 
@@ -76,7 +77,7 @@ def write_prediction_pngs(
         image = read_image(record["file_name"], format=cfg.INPUT.FORMAT)
         instances = predict_image(model, image, cfg)
         picture = draw_predictions(
-            _to_rgb(image, cfg.INPUT.FORMAT), instances, metadata, score_thresh, ground_truth=record
+            to_rgb(image, cfg.INPUT.FORMAT), instances, metadata, score_thresh, ground_truth=record
         )
         stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
         path = os.path.join(output_dir, f"{stem}.png")
