@@ -15,6 +15,7 @@ import os
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import vimdet  # noqa: F401  (registers the backbone and the built-in datasets)
 from vimdet.checkpoint import VimDetCheckpointer
@@ -26,6 +27,8 @@ logger = logging.getLogger("vimdet")
 def setup(args):
     cfg = build_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
+    # default_setup configures the detectron2 and fvcore loggers; ViMDet's own go to the same log.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="vimdet")
     return cfg
 
 

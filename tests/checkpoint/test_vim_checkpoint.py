@@ -155,3 +155,27 @@ def test_missing_and_corrupt_files(tmp_path):
     broken.write_bytes(b"not a torch file at all")
     with pytest.raises(ValueError, match="could not be read by torch.load"):
         load_vim_trunk(net, str(broken))
+
+
+def test_released_file_as_model_weights_is_converted_on_the_fly(tmp_path):
+    state, grid = released_state_dict()
+    path = tmp_path / "vim_released.pth"
+    torch.save({"model": state}, path)
+    model = build_model(detector_cfg())
+    VimDetCheckpointer(model).load(str(path))
+    torch.testing.assert_close(model.backbone.net.pos_embed.data, grid)
+    torch.testing.assert_close(
+        model.backbone.net.layers[0].mixer.in_proj.weight.data,
+        state["layers.0.mixer.in_proj.weight"],
+    )
+
+
+def test_ddp_prefixed_checkpoint_is_shape_checked(tmp_path):
+    state, _ = released_state_dict()
+    _, target = convert(tmp_path, state)
+    saved = torch.load(target, weights_only=True)
+    saved["model"] = {"module." + key: value for key, value in saved["model"].items()}
+    torch.save(saved, tmp_path / "ddp.pth")
+    model = build_model(detector_cfg(dim=96))
+    with pytest.raises(ValueError, match="trunk tensors have the wrong shape"):
+        VimDetCheckpointer(model).load(str(tmp_path / "ddp.pth"))

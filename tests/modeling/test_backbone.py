@@ -51,7 +51,15 @@ def test_pyramid_shapes_after_padding(size):
 def test_padding_constraints_use_the_key_imagelist_reads():
     backbone = build_backbone(tiny_cfg())
     assert backbone.padding_constraints["size_divisibility"] == 64
-    square = build_backbone(tiny_cfg(**{"MODEL.VIM_FPN.SQUARE_PAD": "256"}))
+    square = build_backbone(
+        tiny_cfg(
+            **{
+                "MODEL.VIM_FPN.SQUARE_PAD": "256",
+                "INPUT.MAX_SIZE_TRAIN": "256",
+                "INPUT.MAX_SIZE_TEST": "256",
+            }
+        )
+    )
     images = ImageList.from_tensors(
         [torch.randn(3, 100, 70)], padding_constraints=square.padding_constraints
     )
@@ -81,6 +89,11 @@ def test_levels_feed_from_their_blocks():
     assert backbone.size_divisibility == 16
 
 
+def test_pyramid_without_norm():
+    backbone = build_backbone(tiny_cfg(**{"MODEL.VIM_FPN.NORM": ""}))
+    assert backbone(torch.randn(1, 3, 64, 64))["p2"].shape == (1, 16, 16, 16)
+
+
 def test_named_sizes():
     cfg = tiny_cfg(
         **{
@@ -101,6 +114,12 @@ def test_named_sizes():
         ({"MODEL.VIM_FPN.STRIDES": "[4, 8, 16]"}, "give one stride per block"),
         ({"MODEL.VIM_FPN.STRIDES": "[2, 8, 16, 32]"}, "stride 2 is not supported"),
         ({"MODEL.VIM_FPN.IN_BLOCKS": "[1, 2, 3, 9]"}, r"1-based block numbers in \[1, depth=4\]"),
+        ({"MODEL.VIM_FPN.STRIDES": "[4, 8, 8, 32]"}, "must strictly increase"),
+        ({"MODEL.VIM_FPN.SQUARE_PAD": "1024"}, "smaller than the largest input side 1333"),
+        (
+            {"MODEL.VIM_FPN.SQUARE_PAD": "1400", "INPUT.MAX_SIZE_TEST": "1400"},
+            "must be 0 or a multiple of the coarsest stride 64",
+        ),
     ],
 )
 def test_bad_config_values(overrides, message):

@@ -147,3 +147,5 @@ def test_input_not_multiple_of_patch_is_an_error():
 def test_bad_out_blocks():
     with pytest.raises(ValueError, match="1-based block numbers"):
         VisionMamba(embed_dim=8, depth=4, out_blocks=(0, 4))
+    with pytest.raises(ValueError, match=r"tap block 4 or set the depth \(MODEL.VIM.DEPTH\) to 3"):
+        VisionMamba(embed_dim=8, depth=4, out_blocks=(1, 3))

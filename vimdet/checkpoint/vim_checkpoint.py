@@ -18,6 +18,7 @@ from typing import Dict, List, Mapping, Tuple
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import Tensor, nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from vimdet.modeling.vim import resize_pos_embed
 
@@ -120,7 +121,7 @@ def convert_vim_state_dict(
 
 
 def _fit_to_trunk(trunk_state: Dict[str, Tensor], net: nn.Module, where: str) -> Dict[str, Tensor]:
-    """Resize pos_embed to the trunk's grid and raise on any other shape mismatch."""
+    """Resize pos_embed to the trunk's grid; raise if any other trunk tensor's shape differs."""
     own = net.state_dict()
     fitted = dict(trunk_state)
     if "pos_embed" in fitted and "pos_embed" in own:
@@ -131,6 +132,13 @@ def _fit_to_trunk(trunk_state: Dict[str, Tensor], net: nn.Module, where: str) ->
             and side * side == src.shape[1]
             and src.shape[2] == own["pos_embed"].shape[2]
         ):
+            logger.info(
+                "%s: resizing the %dx%d position grid to the model's %dx%d",
+                where,
+                side,
+                side,
+                *net.pretrain_grid,
+            )
             fitted["pos_embed"] = resize_pos_embed(src, (side, side), net.pretrain_grid)
     wrong = [
         f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
@@ -177,22 +185,38 @@ def load_vim_trunk(net: nn.Module, path: str) -> Dict[str, List[str]]:
 
 
 class VimDetCheckpointer(DetectionCheckpointer):
-    """Detectron2's checkpointer, except that trunk tensors of the wrong shape are an error.
+    """Detectron2's checkpointer, strict about the Vim trunk.
 
-    Detectron2 skips mismatched tensors with a warning, which would silently train a Vim-B
-    detector from a Vim-T checkpoint; here the load stops with a message naming the tensors.
-    The position grid is resized when only its size differs.
+    - Trunk tensors of the wrong shape are an error: Detectron2 would skip them with a warning
+      and silently train, say, a Vim-B detector from a Vim-T checkpoint.
+    - A released Vim classification file given as MODEL.WEIGHTS is converted on the fly (its
+      keys have no ``backbone.net.`` prefix, so Detectron2 would load none of them).
+    - The position grid is resized (with a log line) when only its size differs.
     """
 
     def _load_model(self, checkpoint):
         model = self.model.module if hasattr(self.model, "module") else self.model
         net = getattr(getattr(model, "backbone", None), "net", None)
-        weights = checkpoint.get("model", {})
+        weights = checkpoint.get("model")
         if net is not None and isinstance(weights, dict):
+            # What fvcore does before matching, so that .pkl (numpy) and DDP-saved files are
+            # checked like the rest.
+            self._convert_ndarray_to_tensor(weights)
+            consume_prefix_in_state_dict_if_present(weights, "module.")
+            if _REQUIRED_KEYS[0] in weights and not any(
+                k.startswith(TRUNK_PREFIX) for k in weights
+            ):
+                trunk, report = convert_vim_state_dict(weights, expected_dim=net.embed_dim)
+                logger.info(
+                    "MODEL.WEIGHTS is a released Vim checkpoint: converted it, dropping %s",
+                    ", ".join(report["dropped"]) or "nothing",
+                )
+                weights = {TRUNK_PREFIX + key: value for key, value in trunk.items()}
+                checkpoint["model"] = weights
             trunk = {
                 key[len(TRUNK_PREFIX) :]: value
                 for key, value in weights.items()
-                if key.startswith(TRUNK_PREFIX) and isinstance(value, Tensor)
+                if key.startswith(TRUNK_PREFIX)
             }
             fitted = _fit_to_trunk(trunk, net, "loading MODEL.WEIGHTS")
             weights.update({TRUNK_PREFIX + key: value for key, value in fitted.items()})

@@ -30,7 +30,7 @@ def _resampler(dim: int, scale: float, norm: str) -> tuple:
     if scale == 4.0:
         return [
             nn.ConvTranspose2d(dim, dim // 2, 2, stride=2),
-            get_norm(norm or "", dim // 2),
+            *([get_norm(norm, dim // 2)] if norm else []),
             nn.GELU(),
             nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2),
         ], dim // 4
@@ -82,8 +82,11 @@ class VimFeaturePyramid(Backbone):
                 f"VimFeaturePyramid: the trunk does not return blocks "
                 f"{sorted(missing)}; build it with out_blocks={tuple(in_blocks)}"
             )
-        if list(strides) != sorted(strides):
-            raise ValueError(f"VimFeaturePyramid: strides {tuple(strides)} must go fine to coarse")
+        if any(fine >= coarse for fine, coarse in zip(strides, strides[1:])):
+            raise ValueError(
+                f"VimFeaturePyramid: strides {tuple(strides)} must strictly increase, fine to "
+                "coarse"
+            )
         self.net = net
         self.in_blocks = tuple(in_blocks)
         self.square_pad = square_pad
@@ -115,6 +118,11 @@ class VimFeaturePyramid(Backbone):
         self._out_feature_channels = dict.fromkeys(self._out_features, out_channels)
         # Every level's grid must be whole: pad inputs to the coarsest stride.
         self._size_divisibility = max(self._out_feature_strides.values())
+        if square_pad % self._size_divisibility:
+            raise ValueError(
+                f"VimFeaturePyramid: square_pad {square_pad} must be 0 or a multiple of the "
+                f"coarsest stride {self._size_divisibility}"
+            )
 
     @property
     def size_divisibility(self) -> int:
@@ -122,8 +130,9 @@ class VimFeaturePyramid(Backbone):
 
     @property
     def padding_constraints(self) -> Dict[str, int]:
-        # The key is spelled as ImageList.from_tensors reads it (Detectron2's own
-        # SimpleFeaturePyramid misspells it, so its divisibility is silently ignored).
+        # The key is spelled as ImageList.from_tensors reads it. Detectron2's own
+        # SimpleFeaturePyramid misspells it ("size_divisiblity"), so a caller that passes only
+        # padding_constraints gets no divisibility padding from it.
         return {"size_divisibility": self._size_divisibility, "square_size": self.square_pad}
 
     def forward(self, images: Tensor) -> Dict[str, Tensor]:
@@ -176,6 +185,13 @@ def build_vim_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec | None = None) -
 
         load_vim_trunk(net, cfg.MODEL.VIM.PRETRAINED)
     fpn = cfg.MODEL.VIM_FPN
+    largest_input = max(cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST)
+    if 0 < fpn.SQUARE_PAD < largest_input:
+        raise ValueError(
+            f"MODEL.VIM_FPN.SQUARE_PAD {fpn.SQUARE_PAD} is smaller than the largest input side "
+            f"{largest_input} (INPUT.MAX_SIZE_TRAIN/TEST); images would be cropped. Raise it or "
+            "set it to 0"
+        )
     return VimFeaturePyramid(
         net,
         in_blocks=fpn.IN_BLOCKS,

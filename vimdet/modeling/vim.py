@@ -235,6 +235,12 @@ class VisionMamba(nn.Module):
                 f"VisionMamba: out_blocks {out_blocks} must be 1-based block numbers "
                 f"in [1, depth={depth}]"
             )
+        if max(out_blocks) != depth:
+            # Blocks after the last tap would get no gradient (and break DDP).
+            raise ValueError(
+                f"VisionMamba: the last tapped block is {max(out_blocks)} but depth is {depth}; "
+                f"tap block {depth} or set the depth (MODEL.VIM.DEPTH) to {max(out_blocks)}"
+            )
         self.embed_dim = embed_dim
         self.depth = depth
         self.patch_size = patch_size
@@ -290,8 +296,7 @@ class VisionMamba(nn.Module):
         hidden = tokens + self.position_embedding(grid)
         residual: Tensor | None = None
         outputs = {}
-        last = max(self.out_blocks)
-        for index, layer in enumerate(self.layers[:last], start=1):
+        for index, layer in enumerate(self.layers, start=1):
             if self.use_checkpoint and self.training:
                 hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False)
             else:

@@ -191,6 +191,10 @@ def selective_scan_reference(
     in u's dtype.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    return _scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     delta = _prepare_delta(delta, delta_bias, delta_softplus)
     u32, A32, B32, C32 = u.float(), A.float(), B.float(), C.float()
     state = u32.new_zeros(u.shape[0], u.shape[1], A.shape[1])
@@ -333,6 +337,10 @@ def selective_scan_chunked(
     Same shapes as :func:`selective_scan_reference`. Holds O(B * L * C * N) fp32 memory.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    return _scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     delta = _prepare_delta(delta, delta_bias, delta_softplus)
     delta_t = delta.transpose(1, 2).contiguous()  # (B, L, C)
     delta_u = delta_t * u.float().transpose(1, 2)
@@ -361,6 +369,13 @@ def _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     )
 
 
+_BACKEND_FUNCTIONS = {
+    "cuda": _selective_scan_cuda,
+    "chunked": _scan_chunked,
+    "reference": _scan_reference,
+}
+
+
 def selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -387,8 +402,5 @@ def selective_scan(
         (B, C, L) tensor in u's dtype; the scan runs in fp32 on every backend.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    name = resolve_backend(backend, u.device)
-    if name == "cuda":
-        return _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    scan = selective_scan_chunked if name == "chunked" else selective_scan_reference
+    scan = _BACKEND_FUNCTIONS[resolve_backend(backend, u.device)]
     return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

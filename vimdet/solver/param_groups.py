@@ -56,7 +56,7 @@ def vim_param_groups(
         decay = 0.0 if is_no_weight_decay(name, param) else weight_decay
         group = groups.setdefault(
             (scale, decay),
-            {"params": [], "lr": base_lr * scale, "weight_decay": decay, "lr_scale": scale},
+            {"params": [], "lr": base_lr * scale, "weight_decay": decay},
         )
         group["params"].append(param)
     return list(groups.values())
@@ -79,7 +79,9 @@ def build_vimdet_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimi
     """AdamW (or SGD) over :func:`vim_param_groups`, with gradient clipping.
 
     ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE`` may be Detectron2's per-parameter "value" or "norm", or
-    "full_model": one norm over all gradients (as in DETR-style recipes).
+    "full_model": one norm over all gradients (as in DETR-style recipes). Weight decay and
+    learning rates come from :func:`vim_param_groups`; Detectron2's WEIGHT_DECAY_NORM,
+    WEIGHT_DECAY_BIAS and BIAS_LR_FACTOR are not used.
     """
     inner = model.module if hasattr(model, "module") else model
     depth = len(inner.backbone.net.layers)
