@@ -1,0 +1,32 @@
+"""Every shipped config loads (with its _BASE_ chain) and builds a model."""
+
+from pathlib import Path
+
+import pytest
+from detectron2.modeling import build_model
+
+import vimdet  # noqa: F401
+from vimdet.engine import build_cfg
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
+
+
+def test_configs_are_found():
+    names = {path.name for path in CONFIGS}
+    assert {
+        "cascade_vim_t.yaml",
+        "cascade_vim_s.yaml",
+        "cascade_vim_b.yaml",
+        "cascade_mask_vim_b.yaml",
+        "cascade_vim_mini_shapes.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_loads_and_builds(path):
+    cfg = build_cfg(str(path), ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    assert model.backbone.__class__.__name__ == "VimFeaturePyramid"
+    assert model.roi_heads.__class__.__name__ == "CascadeROIHeads"
+    assert len(model.roi_heads.box_predictor) == 3
+    assert model.roi_heads.mask_on == cfg.MODEL.MASK_ON
