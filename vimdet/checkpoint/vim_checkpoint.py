@@ -155,6 +155,15 @@ def _fit_to_trunk(trunk_state: Dict[str, Tensor], net: nn.Module, where: str) ->
     return fitted
 
 
+def _trunk_tensors(detector_state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """The ``backbone.net.*`` entries of a detector state dict, with the trunk's own names."""
+    return {
+        key[len(TRUNK_PREFIX) :]: value
+        for key, value in detector_state.items()
+        if key.startswith(TRUNK_PREFIX)
+    }
+
+
 def load_vim_trunk(net: nn.Module, path: str) -> Dict[str, List[str]]:
     """Load a released (or converted) Vim checkpoint into a :class:`VisionMamba` trunk.
 
@@ -162,11 +171,7 @@ def load_vim_trunk(net: nn.Module, path: str) -> Dict[str, List[str]]:
     """
     state = load_checkpoint_file(path)
     if any(key.startswith(TRUNK_PREFIX) for key in state):  # a converted detector checkpoint
-        state = {
-            key[len(TRUNK_PREFIX) :]: value
-            for key, value in state.items()
-            if key.startswith(TRUNK_PREFIX)
-        }
+        state = _trunk_tensors(state)
     trunk, report = convert_vim_state_dict(state, expected_dim=net.embed_dim)
     trunk = _fit_to_trunk(trunk, net, f"loading {path}")
     result = net.load_state_dict(trunk, strict=False)
@@ -213,11 +218,6 @@ class VimDetCheckpointer(DetectionCheckpointer):
                 )
                 weights = {TRUNK_PREFIX + key: value for key, value in trunk.items()}
                 checkpoint["model"] = weights
-            trunk = {
-                key[len(TRUNK_PREFIX) :]: value
-                for key, value in weights.items()
-                if key.startswith(TRUNK_PREFIX)
-            }
-            fitted = _fit_to_trunk(trunk, net, "loading MODEL.WEIGHTS")
+            fitted = _fit_to_trunk(_trunk_tensors(weights), net, "loading MODEL.WEIGHTS")
             weights.update({TRUNK_PREFIX + key: value for key, value in fitted.items()})
         return super()._load_model(checkpoint)
