@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -569,6 +570,14 @@ def _render_image(spec: _ShapesSpec, index: int) -> tuple[dict, list[dict]]:
     return record, objects
 
 
+def _log_progress(records: Iterator, total: int) -> Iterator:
+    """Pass ``records`` through, logging every 500th."""
+    for done, record in enumerate(records, start=1):
+        if done % 500 == 0:
+            logger.info("  %d / %d images", done, total)
+        yield record
+
+
 def _generate_locked(spec: _ShapesSpec) -> Path:
     # A stale json (other parameters, or missing images) must not survive while images are
     # being rewritten: remove it first so a crash leaves no json at all.
@@ -586,10 +595,12 @@ def _generate_locked(spec: _ShapesSpec) -> Path:
     workers = min(os.cpu_count() or 1, 16) if spec.num_images >= _PARALLEL_MIN_IMAGES else 1
     if workers > 1:
         with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-            rendered = pool.map(_render_image, [spec] * spec.num_images, indices, chunksize=16)
-            records = list(rendered)
+            rendered = pool.map(_render_image, itertools.repeat(spec), indices, chunksize=16)
+            records = list(_log_progress(rendered, spec.num_images))
     else:
-        records = [_render_image(spec, index) for index in indices]
+        records = list(
+            _log_progress(map(_render_image, itertools.repeat(spec), indices), spec.num_images)
+        )
     for image, objects in records:
         images.append(image)
         for obj in objects:
