@@ -1,3 +1,4 @@
+# ruff: noqa: UP045 (torch.library infers op schemas from typing.Optional annotations)
 """The ``triton`` selective-scan backend: ViMDet's own GPU scan, one or two directions per launch.
 
 ``scan_walk(u, delta, A, B, C, ...)`` is the core: token-major inputs with a leading direction axis,

@@ -1,6 +1,6 @@
-"""Triton kernels of the chunked selective scan (Gu & Dao, arXiv 2312.00752), one or two directions.
+"""Triton kernels of the chunked selective scan (Gu & Dao, arXiv 2312.00752), 1 or 2 directions.
 
-The scan of one direction, for each batch b, channel e and state n, with dt = softplus(delta + bias):
+The scan of one direction, for each batch b, channel e and state n, dt = softplus(delta + bias):
 
     h[t] = exp(dt[t] * A) * h[t-1] + dt[t] * u[t] * B[t]      y[t] = C[t] . h[t] + D * u[t]
 
