@@ -41,6 +41,8 @@ CHUNK = 16
 # those tried on an H200 at Vim-B shapes (docs/benchmarks.md).
 FORWARD_BLOCK = (32, 1)
 BACKWARD_BLOCK = (32, 1)
+# Software-pipelining stages of the kernels' loops over states.
+STAGES = 3
 # Elements of the (N, E) carry slab each program of the chaining kernel owns.
 CARRY_BLOCK = 256
 
@@ -133,6 +135,7 @@ def _state_carries(
         BLOCK_L=CHUNK,
         BLOCK_E=block_e,
         num_warps=warps,
+        num_stages=STAGES,
     )
     return _chain_chunks(chunk_states, logsums, A, adjoint=False)
 
@@ -217,6 +220,7 @@ def _scan_walk_forward(
                 BLOCK_L=CHUNK,
                 BLOCK_E=block_e,
                 num_warps=warps,
+                num_stages=STAGES,
             )
     return out
 
@@ -272,6 +276,7 @@ def _scan_walk_backward(
             BLOCK_L=CHUNK,
             BLOCK_E=block_e,
             num_warps=warps,
+            num_stages=STAGES,
         )
         adjoint_carries = _chain_chunks(chunk_adjoints, logsums, A, adjoint=True)
         # 2. Every gradient, from states and adjoints recomputed inside each chunk, one launch per
@@ -341,6 +346,7 @@ def _scan_walk_backward(
                 BLOCK_L=CHUNK,
                 BLOCK_E=block_e,
                 num_warps=warps,
+                num_stages=STAGES,
             )
     # 3. The partial sums, added in a fixed order (deterministic; no atomics).
     dB = dB_parts.sum(1).to(B.dtype)
