@@ -149,8 +149,7 @@ def scan_chunked(
 ) -> Tensor:
     """The scan in fp32 by chunks, with a reverse-scan backward; holds O(B * L * C * N) memory.
 
-    Shapes: u, delta, z (B, C, L); A (C, N); B, C (B, N, L); D, delta_bias (C,). Returns
-    (B, C, L) in u's dtype. Inputs are not checked here (the dispatcher does that).
+    Arguments, shapes and result as :func:`vimdet.ops.selective_scan`, which checks the inputs.
     """
     delta = prepare_delta(delta, delta_bias, delta_softplus)
     delta_t = delta.transpose(1, 2).contiguous()  # (B, L, C)

@@ -41,7 +41,7 @@ def scan_mamba(
 ) -> Tensor:
     """mamba-ssm's kernel on CUDA tensors; it wants contiguous inputs and fp32 A, D, delta_bias.
 
-    Shapes as :func:`~vimdet.ops.scan_reference.scan_reference`.
+    Arguments, shapes and result as :func:`vimdet.ops.selective_scan`, which checks the inputs.
     """
     if _mamba_selective_scan is None:
         raise RuntimeError(INSTALL_HINT)

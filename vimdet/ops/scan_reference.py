@@ -26,8 +26,7 @@ def scan_reference(
 ) -> Tensor:
     """h[t] = exp(delta[t] A) h[t-1] + delta[t] B[t] u[t]; y[t] = C[t] . h[t], step by step.
 
-    Shapes: u, delta, z (B, C, L); A (C, N); B, C (B, N, L); D, delta_bias (C,). Returns
-    (B, C, L) in u's dtype. Inputs are not checked here (the dispatcher does that).
+    Arguments, shapes and result as :func:`vimdet.ops.selective_scan`, which checks the inputs.
     """
     delta = prepare_delta(delta, delta_bias, delta_softplus)
     u32, A32, B32, C32 = u.float(), A.float(), B.float(), C.float()
