@@ -83,13 +83,16 @@ def _scan_direction(
     rank: int,
     d_state: int,
     d_conv: int,
-    dt_range: Tuple[float, float, float],
+    dt_min: float,
+    dt_max: float,
+    dt_init_floor: float,
 ) -> Tuple[nn.Conv1d, nn.Linear, nn.Linear, nn.Parameter, nn.Parameter]:
     """One direction's (conv1d, x_proj, dt_proj, A_log, D), initialised as in Mamba and Vim."""
     conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1, bias=True)
     x_proj = nn.Linear(inner, rank + 2 * d_state, bias=False)
+    nn.init.trunc_normal_(x_proj.weight, std=0.02)
     dt_proj = nn.Linear(rank, inner, bias=True)
-    _init_dt_proj(dt_proj, *dt_range)
+    _init_dt_proj(dt_proj, dt_min, dt_max, dt_init_floor)
     a_init = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(inner, 1)
     a_log = _no_weight_decay(nn.Parameter(torch.log(a_init)))
     skip = _no_weight_decay(nn.Parameter(torch.ones(inner)))
@@ -133,17 +136,25 @@ class BiMambaMixer(nn.Module):
         self.d_inner = expand * dim
         self.dt_rank = dt_rank or math.ceil(dim / 16)
         self.scan_backend = scan_backend
-        direction = (self.d_inner, self.dt_rank, d_state, d_conv, (dt_min, dt_max, dt_init_floor))
+        direction = dict(
+            inner=self.d_inner,
+            rank=self.dt_rank,
+            d_state=d_state,
+            d_conv=d_conv,
+            dt_min=dt_min,
+            dt_max=dt_max,
+            dt_init_floor=dt_init_floor,
+        )
 
         self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
         self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
-        self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D = _scan_direction(*direction)
-        self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b = _scan_direction(
-            *direction
-        )
-        # Vim's init of the projections; dt_proj keeps Mamba's init from _scan_direction.
-        for linear in (self.in_proj, self.out_proj, self.x_proj, self.x_proj_b):
+        for linear in (self.in_proj, self.out_proj):  # Vim's init of the projections
             nn.init.trunc_normal_(linear.weight, std=0.02)
+        # The forward direction, then the backward one (``*_b``), under the released names.
+        self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D = _scan_direction(**direction)
+        self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b = _scan_direction(
+            **direction
+        )
 
     def _scan_one_direction(
         self,
