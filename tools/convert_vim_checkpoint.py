@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-from vimdet.checkpoint import TRUNK_PREFIX, convert_vim_state_dict, load_checkpoint_file
-from vimdet.modeling import VIM_SIZES
+from vimdet.checkpoint import load_checkpoint_file
+from vimdet.modeling import TRUNK_PREFIX, VIM_SIZES, convert_vim_state_dict
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,8 @@ from detectron2.utils.logger import setup_logger
 
 import vimdet  # noqa: F401  (registers the backbone and the built-in datasets)
 from vimdet.checkpoint import VimDetCheckpointer
-from vimdet.engine import build_cfg, draw_predictions, predict_image, to_rgb
+from vimdet.config import build_cfg
+from vimdet.engine import draw_predictions, predict_image, to_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 

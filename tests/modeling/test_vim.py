@@ -49,6 +49,11 @@ def test_mamba_initialisation():
     assert torch.all(mixer.D.data == 1) and torch.all(mixer.D_b.data == 1)
     dt = torch.nn.functional.softplus(mixer.dt_proj.bias.data)
     assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
+    for linear in (mixer.in_proj, mixer.out_proj, mixer.x_proj, mixer.x_proj_b):
+        assert linear.weight.std() < 0.03  # Vim's trunc-normal init, std 0.02
+    assert mixer.dt_proj.weight.abs().max() > 0.2  # Mamba's U(+-rank^-0.5), rank 2
+    flagged = {name for name, p in mixer.named_parameters() if getattr(p, "_no_weight_decay", 0)}
+    assert flagged == {"A_log", "A_b_log", "D", "D_b"}
 
 
 def influence(mixer, source: int, target: int) -> float:
@@ -62,6 +67,9 @@ def influence(mixer, source: int, target: int) -> float:
 def test_mixer_looks_both_ways():
     torch.manual_seed(0)
     mixer = BiMambaMixer(8, d_state=4)
+    with torch.no_grad():  # weights of a trained model's size (the init's std 0.02 barely mixes)
+        for linear in (mixer.in_proj, mixer.x_proj, mixer.x_proj_b, mixer.out_proj):
+            torch.nn.init.normal_(linear.weight, std=0.3)
     assert influence(mixer, source=11, target=0) > 1e-6  # the last token reaches the first
     assert influence(mixer, source=0, target=11) > 1e-6  # and the first reaches the last
     # Without the backward direction's state (B = C = 0) nothing flows from the future.

@@ -1,9 +1,9 @@
-"""Ops: the selective scan with its CUDA, chunked and reference backends."""
+"""Ops: the selective scan, one dispatcher over its CUDA, chunked and reference backends."""
 
+from .scan_mamba import cuda_kernel_available
 from .selective_scan import (
     BACKENDS,
     ENV_VAR,
-    cuda_kernel_available,
     resolve_backend,
     selective_scan,
     selective_scan_chunked,

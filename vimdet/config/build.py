@@ -1,4 +1,4 @@
-"""Config set-up for ViMDet's command-line tools, with clear errors for bad input."""
+"""A checked, frozen config for ViMDet's command-line tools, with clear errors for bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from detectron2.config import CfgNode, get_cfg
 
-from vimdet.config import add_vimdet_config
+from .defaults import add_vimdet_config
 
 __all__ = ["build_cfg"]
 
