@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vimdet.ops import selective_scan
+from vimdet.ops import bidirectional_selective_scan
 
 __all__ = ["VIM_SIZES", "RMSNorm", "BiMambaMixer", "VimBlock", "VisionMamba", "resize_pos_embed"]
 
@@ -104,7 +104,9 @@ class BiMambaMixer(nn.Module):
 
     x, z = in_proj(h); each direction runs a causal depthwise conv, SiLU, x_proj -> (dt, B, C),
     dt_proj and the selective scan gated by SiLU(z); the backward direction has its own weights
-    (``*_b``) and sees the sequence flipped. Output: out_proj((y_fwd + y_bwd) / 2).
+    (``*_b``) and walks the sequence from its end (computed in place: its conv is anti-causal and
+    :func:`vimdet.ops.bidirectional_selective_scan` walks down). Output:
+    out_proj((y_fwd + y_bwd) / 2).
     Input and output: (B, L, dim). Parameter names are those of the released checkpoints.
 
     Args:
@@ -156,51 +158,45 @@ class BiMambaMixer(nn.Module):
             **direction
         )
 
-    def _scan_one_direction(
-        self,
-        x: Tensor,
-        z: Tensor,
-        conv1d: nn.Conv1d,
-        x_proj: nn.Linear,
-        dt_proj: nn.Linear,
-        a_log: Tensor,
-        skip: Tensor,
-    ) -> Tensor:
-        """x, z: (B, E, L) -> (B, E, L) with one direction's modules and parameters."""
+    def forward(self, hidden: Tensor) -> Tensor:
+        """hidden (B, L, dim) -> (B, L, dim)."""
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # token-major (B, L, E) views
+        x = x.transpose(1, 2)  # (B, E, L), as the depthwise convs read it
         length = x.shape[-1]
-        x = F.silu(conv1d(x)[..., :length])
-        dt, b, c = torch.split(
-            x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1
+        u_forward = F.silu(self.conv1d(x)[..., :length])
+        # The backward branch's causal conv on the flipped sequence is, unflipped, an anti-causal
+        # conv with the taps reversed: u_b[t] = bias + sum_j w[K-1-j] * x[t+j].
+        taps = self.conv1d_b.kernel_size[0]
+        u_backward = F.silu(
+            F.conv1d(
+                F.pad(x, (0, taps - 1)),
+                self.conv1d_b.weight.flip(-1),
+                self.conv1d_b.bias,
+                groups=self.d_inner,
+            )
         )
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias
-        return selective_scan(
-            x,
+        # Both directions stacked, token-major: (2, B, L, E). Each direction's projections run
+        # as one batched matmul over the stacked weights; B and C are views of its output.
+        u = torch.stack([u_forward, u_backward]).transpose(2, 3)
+        x_proj = torch.stack([self.x_proj.weight, self.x_proj_b.weight]).transpose(1, 2)
+        dt, b, c = torch.matmul(u, x_proj[:, None]).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        dt_proj = torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]).transpose(1, 2)
+        delta = torch.matmul(dt, dt_proj[:, None])  # its bias goes in as delta_bias
+        y = bidirectional_selective_scan(
+            u,
             delta,
-            -torch.exp(a_log.float()),
-            b.transpose(1, 2),
-            c.transpose(1, 2),
-            D=skip.float(),
+            -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
+            b,
+            c,
+            D=torch.stack([self.D, self.D_b]).float(),
             z=z,
-            delta_bias=dt_proj.bias.float(),
+            delta_bias=torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
             delta_softplus=True,
             backend=self.scan_backend,
         )
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
-        y_forward = self._scan_one_direction(
-            x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D
-        )
-        y_backward = self._scan_one_direction(
-            x.flip(-1),
-            z.flip(-1),
-            self.conv1d_b,
-            self.x_proj_b,
-            self.dt_proj_b,
-            self.A_b_log,
-            self.D_b,
-        ).flip(-1)
-        return self.out_proj(((y_forward + y_backward) / 2).transpose(1, 2))
+        return self.out_proj(y)
 
 
 class VimBlock(nn.Module):

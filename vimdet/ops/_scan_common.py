@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["check_inputs", "prepare_delta", "finish_output"]
+__all__ = ["check_inputs", "check_walk_inputs", "prepare_delta", "finish_output"]
 
 
 def check_inputs(
@@ -63,6 +63,61 @@ def check_inputs(
                 f"selective_scan: {name} must have shape {shape} (from u "
                 f"{tuple(u.shape)} and A {tuple(A.shape)}), got {tuple(value.shape)}"
             )
+
+
+def check_walk_inputs(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+) -> None:
+    """The checks of :func:`check_inputs` for the token-major, direction-stacked layout:
+    u, delta (dirs, batch, L, E); A (dirs, E, N); B, C (dirs, batch, L, N); D, delta_bias
+    (dirs, E); z (batch, L, E); dirs is 1 or 2."""
+    if not isinstance(u, Tensor) or u.dim() != 4 or u.shape[0] not in (1, 2):
+        shape = tuple(u.shape) if isinstance(u, Tensor) else type(u)
+        raise ValueError(
+            f"bidirectional_selective_scan: u must be (dirs=1 or 2, batch, length, channels), "
+            f"got {shape}"
+        )
+    dirs, batch, length, channels = u.shape
+    if not isinstance(A, Tensor) or A.dim() != 3 or tuple(A.shape[:2]) != (dirs, channels):
+        shape = tuple(A.shape) if isinstance(A, Tensor) else type(A)
+        raise ValueError(
+            f"bidirectional_selective_scan: A must be (dirs={dirs}, channels={channels}, state), "
+            f"got {shape}"
+        )
+    state = A.shape[2]
+    expected = {
+        "delta": (dirs, batch, length, channels),
+        "B": (dirs, batch, length, state),
+        "C": (dirs, batch, length, state),
+        "D": (dirs, channels),
+        "z": (batch, length, channels),
+        "delta_bias": (dirs, channels),
+    }
+    tensors = {"delta": delta, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    for name, value in tensors.items():
+        if value is not None and isinstance(value, Tensor) and tuple(value.shape) != expected[name]:
+            raise ValueError(
+                f"bidirectional_selective_scan: {name} must have shape {expected[name]} (from u "
+                f"{tuple(u.shape)} and A {tuple(A.shape)}), got {tuple(value.shape)}"
+            )
+    # Types, dtypes and devices as for one direction (checked on the first direction's slices).
+    check_inputs(
+        u[0].transpose(1, 2),
+        delta[0].transpose(1, 2),
+        A[0],
+        B[0].transpose(1, 2),
+        C[0].transpose(1, 2),
+        None if D is None else D[0],
+        None if z is None else z.transpose(1, 2),
+        None if delta_bias is None else delta_bias[0],
+    )
 
 
 def prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:

@@ -18,6 +18,7 @@ start + (p % inner) * inner_stride + (p // inner) * outer_stride: row-major is (
 column-major over an H x W grid is (0, H, W, 1); direction 1 walks it backwards.
 """
 
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -31,7 +32,15 @@ except ImportError:
     triton = None
     kernels = None
 
-__all__ = ["column_major_walk", "row_major_walk", "scan_walk", "triton_available"]
+__all__ = [
+    "TRITON_HINT",
+    "column_major_walk",
+    "interpreting",
+    "row_major_walk",
+    "scan_triton",
+    "scan_walk",
+    "triton_available",
+]
 
 # Positions per chunk (one tile of BLOCK_L rows). The carries between chunks, (batch, dirs,
 # L / CHUNK, N, E) fp32, are computed in the forward pass and again in the backward pass rather than
@@ -47,9 +56,21 @@ STAGES = 3
 CARRY_BLOCK = 256
 
 
+TRITON_HINT = (
+    "The 'triton' selective-scan backend needs Triton, which is not importable here. CUDA builds "
+    "of PyTorch ship it (`pip install torch` on a Linux GPU machine); or choose another backend: "
+    "MODEL.VIM.SCAN_BACKEND chunked (or cuda, with mamba-ssm), or VIMDET_SCAN_BACKEND=chunked."
+)
+
+
 def triton_available() -> bool:
     """Whether Triton (and so this backend) can be imported."""
     return triton is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def row_major_walk(length: int) -> List[int]:
@@ -471,15 +492,41 @@ def scan_walk(
     averaged, each with its D skip, gated by SiLU(z).
     """
     if triton is None:
+        raise RuntimeError(TRITON_HINT)
+    walk = list(walk) if walk is not None else row_major_walk(u.shape[2])
+    A, D, delta_bias = (t.contiguous() if t is not None else None for t in (A, D, delta_bias))
+    try:
+        return _scan_walk_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk)
+    except (triton.CompilationError, triton.OutOfResources) as error:
         raise RuntimeError(
-            "the 'triton' selective-scan backend needs Triton, which is not importable here; "
-            "install a CUDA build of PyTorch (it ships Triton) or choose backend 'chunked'"
-        )
-    length = u.shape[2]
-    walk = list(walk) if walk is not None else row_major_walk(length)
-    if len(walk) != 4:
-        raise ValueError(
-            f"scan_walk: walk must be (start, inner, inner_stride, outer_stride), got {walk}"
-        )
-    small = [t.contiguous() if t is not None else None for t in (A, D, delta_bias)]
-    return _scan_walk_op(u, delta, small[0], B, C, small[1], z, small[2], delta_softplus, walk)
+            f"the Triton selective scan failed to compile on {u.device} ({error}). Use another "
+            "backend for now (MODEL.VIM.SCAN_BACKEND chunked, or cuda with mamba-ssm; or "
+            "VIMDET_SCAN_BACKEND=chunked) and report the error with your GPU and Triton versions"
+        ) from error
+
+
+def scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """One direction with mamba-ssm's layout (u, delta, z (B, E, L); B, C (B, N, L)); the result
+    (B, E, L) is a transposed view of the kernel's token-major output."""
+    out = scan_walk(
+        u.transpose(1, 2)[None],
+        delta.transpose(1, 2)[None],
+        A[None],
+        B.transpose(1, 2)[None],
+        C.transpose(1, 2)[None],
+        None if D is None else D[None],
+        None if z is None else z.transpose(1, 2),
+        None if delta_bias is None else delta_bias[None],
+        delta_softplus,
+    )
+    return out.transpose(1, 2)

@@ -7,15 +7,19 @@ For every batch b, channel d and state n, with ``delta`` after its bias and soft
 
 Backends, all with mamba-ssm's argument order, shapes and semantics, each in its own module:
 
+- ``triton`` (:mod:`.scan_triton`): ViMDet's own GPU scan in Triton (which ships with PyTorch).
 - ``cuda`` (:mod:`.scan_mamba`): mamba-ssm's fused CUDA kernel; GPU tensors, mamba-ssm installed.
 - ``chunked`` (:mod:`.scan_chunked`): this project's portable scan in plain PyTorch (any device).
 - ``reference`` (:mod:`.scan_reference`): the plain per-step recurrence, for tests.
 
-``auto`` is ``cuda`` when mamba-ssm imports and the tensors are on a GPU, else ``chunked``. The
+``auto`` is ``triton`` for tensors on a GPU when Triton imports, else ``chunked``. The
 choice is made in :func:`resolve_backend` only; it can be forced per call (``backend=``; the
 Vim modules pass the config key ``MODEL.VIM.SCAN_BACKEND``) or by the environment variable
 ``VIMDET_SCAN_BACKEND`` (which applies where ``auto`` was asked for). Inputs are checked here,
 once per call, so the backend modules hold kernels and nothing else.
+
+:func:`bidirectional_selective_scan` is Vim's two-direction scan over token-major tensors: one
+launch per phase on ``triton``, two single-direction scans on flipped copies elsewhere.
 """
 
 from __future__ import annotations
@@ -24,19 +28,21 @@ import functools
 import inspect
 import logging
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from ._scan_common import check_inputs
+from ._scan_common import check_inputs, check_walk_inputs
 from .scan_chunked import scan_chunked
 from .scan_mamba import INSTALL_HINT, cuda_kernel_available, scan_mamba
 from .scan_reference import scan_reference
+from .scan_triton import TRITON_HINT, interpreting, scan_triton, scan_walk, triton_available
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
+    "bidirectional_selective_scan",
     "selective_scan",
     "selective_scan_reference",
     "selective_scan_chunked",
@@ -46,10 +52,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "cuda", "chunked", "reference")
+BACKENDS = ("auto", "triton", "cuda", "chunked", "reference")
 ENV_VAR = "VIMDET_SCAN_BACKEND"
 
 _BACKEND_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
+    "triton": scan_triton,
     "cuda": scan_mamba,
     "chunked": scan_chunked,
     "reference": scan_reference,
@@ -77,8 +84,17 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         name, source = os.environ[ENV_VAR], f"${ENV_VAR}"
         _check_backend_name(name, ENV_VAR)
     if name == "auto":
-        name = "cuda" if (cuda_kernel_available() and device.type == "cuda") else "chunked"
+        name = "triton" if (triton_available() and device.type == "cuda") else "chunked"
         source = "auto"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError(TRITON_HINT)
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(
+                f"selective_scan: backend 'triton' needs tensors on a CUDA device, got {device} "
+                "(TRITON_INTERPRET=1 runs it through Triton's CPU interpreter, for tests). Move "
+                "the model and inputs to the GPU, or use backend='chunked' on this device."
+            )
     if name == "cuda":
         if not cuda_kernel_available():
             raise RuntimeError(INSTALL_HINT)
@@ -124,6 +140,87 @@ def selective_scan(
     check_inputs(u, delta, A, B, C, D, z, delta_bias)
     scan = _BACKEND_FUNCTIONS[resolve_backend(backend, u.device)]
     return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def bidirectional_selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    walk: Sequence[int] | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Vim's scan of both directions (Zhu et al., arXiv 2401.09417) over token-major tensors.
+
+    Direction 0 walks the tokens in ``walk`` order (default row-major; see
+    :func:`vimdet.ops.scan_triton.column_major_walk`), direction 1 walks them backwards. Each has
+    its own parameters; both share the gate z. Any strides are read in place on ``triton``.
+
+    Args:
+        u, delta: (dirs, batch, L, E) with dirs = 1 or 2; delta before bias and softplus.
+        A: (dirs, E, N). B, C: (dirs, batch, L, N). D, delta_bias: optional (dirs, E).
+        z: optional (batch, L, E), applied as ``* silu(z)`` to each direction's output.
+        delta_softplus: apply softplus to delta + delta_bias.
+        walk: (start, inner, inner_stride, outer_stride), token = start + (p % inner) *
+            inner_stride + (p // inner) * outer_stride for scan position p.
+        backend: one of :data:`BACKENDS`.
+
+    Returns:
+        (batch, L, E) in u's dtype: the mean of the directions' outputs.
+    """
+    check_walk_inputs(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve_backend(backend, u.device)
+    if name == "triton":
+        return scan_walk(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk)
+    # Elsewhere: one single-direction scan per direction, on copies gathered in walk order.
+    scan = _BACKEND_FUNCTIONS[name]
+    length = u.shape[2]
+    order = None if walk is None else _walk_positions(walk, length, u.device)
+    orders = [order]
+    if u.shape[0] == 2:
+        orders.append((torch.arange(length, device=u.device) if order is None else order).flip(0))
+    total = None
+    for d, tokens in enumerate(orders):
+        y = scan(
+            _channel_major(u[d], tokens),
+            _channel_major(delta[d], tokens),
+            A[d],
+            _channel_major(B[d], tokens),
+            _channel_major(C[d], tokens),
+            None if D is None else D[d],
+            None if z is None else _channel_major(z, tokens),
+            None if delta_bias is None else delta_bias[d],
+            delta_softplus,
+        ).transpose(1, 2)
+        if tokens is not None:
+            y = torch.empty_like(y).index_copy_(1, tokens, y)
+        total = y.float() if total is None else total + y.float()
+    return (total / u.shape[0]).to(u.dtype)
+
+
+def _channel_major(tensor: Tensor, tokens: Tensor | None) -> Tensor:
+    """(batch, L, C) -> (batch, C, L), its tokens in ``tokens`` order (None: as stored)."""
+    if tokens is not None:
+        tensor = tensor.index_select(1, tokens)
+    return tensor.transpose(1, 2)
+
+
+def _walk_positions(walk: Sequence[int], length: int, device: torch.device) -> Tensor:
+    """The token visited at each scan position of ``walk``: a permutation of range(length)."""
+    start, inner, inner_stride, outer_stride = (int(v) for v in walk)
+    position = torch.arange(length, device=device)
+    tokens = start + (position % inner) * inner_stride + (position // inner) * outer_stride
+    if not torch.equal(tokens.sort().values, position):
+        raise ValueError(
+            f"bidirectional_selective_scan: walk {tuple(walk)} does not visit each of the "
+            f"{length} tokens once; use row_major_walk or column_major_walk"
+        )
+    return tokens
 
 
 def _with_input_checks(kernel: Callable[..., Tensor]) -> Callable[..., Tensor]:
