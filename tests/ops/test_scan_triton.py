@@ -1,7 +1,8 @@
 """The Triton scan kernels through Triton's CPU interpreter, against the step-by-step reference.
 
-Tiny shapes, chunks of 8 positions and 8 channels a program, so that every case crosses chunk and
-channel-block boundaries. The same kernels run compiled at real shapes in tests/gpu.
+Tiny shapes, chunks of 8 positions and 8 channels a program, chained 4 chunks a step, so that
+every case crosses chunk, channel-block and chaining-step boundaries. The same kernels run compiled
+at real shapes in tests/gpu.
 """
 
 import pytest
@@ -40,6 +41,8 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(scan_triton, "CHUNK", 8)
     monkeypatch.setattr(scan_triton, "FORWARD_BLOCK", (8, 1))
     monkeypatch.setattr(scan_triton, "BACKWARD_BLOCK", (8, 1))
+    monkeypatch.setattr(scan_triton, "CARRY_CHUNKS", 4)  # chains of over 4 chunks take steps
+    monkeypatch.setattr(scan_triton, "CARRY_BLOCK", 16)
 
 
 def make_inputs(dirs, batch, length, channels, state, flags, dtype=torch.float32, seed=0):

@@ -50,10 +50,9 @@ CHUNK = 16
 # those tried on an H200 at Vim-B shapes (docs/benchmarks.md).
 FORWARD_BLOCK = (32, 1)
 BACKWARD_BLOCK = (32, 1)
-# Software-pipelining stages of the kernels' loops over states.
-STAGES = 3
-# Elements of the (N, E) carry slab each program of the chaining kernel owns.
-CARRY_BLOCK = 256
+# The chaining kernel's tile: chunks scanned at once, and elements of the (N, E) slab per program.
+CARRY_CHUNKS = 32
+CARRY_BLOCK = 64
 
 
 TRITON_HINT = (
@@ -156,31 +155,32 @@ def _state_carries(
         BLOCK_L=CHUNK,
         BLOCK_E=block_e,
         num_warps=warps,
-        num_stages=STAGES,
     )
     return _chain_chunks(chunk_states, logsums, A, adjoint=False)
 
 
 def _chain_chunks(chunk_values: Tensor, logsums: Tensor, A: Tensor, adjoint: bool) -> Tensor:
-    """Run ``chunk_carry_kernel`` over (batch, dirs, chunks, N, E) chunk values, in place: each
-    chunk's value is replaced by the carry entering it."""
+    """The value entering every chunk, from each chunk's (batch, dirs, chunks, N, E) value and
+    (batch, dirs, chunks, E) summed dt (``chunk_carry_kernel``)."""
     batch, dirs, chunks, state, channels = chunk_values.shape
+    carries = torch.empty_like(chunk_values)
     grid = (triton.cdiv(state * channels, CARRY_BLOCK), batch * dirs)
     kernels.chunk_carry_kernel[grid](
         chunk_values,
         logsums,
         A,
-        chunk_values,
+        carries,
         chunks,
         channels,
         *A.stride(),
         NUM_DIRS=dirs,
         STATE=state,
         DIR0_DOWN=adjoint,
+        CHUNK_TILE=CARRY_CHUNKS,
         BLOCK=CARRY_BLOCK,
         num_warps=4,
     )
-    return chunk_values
+    return carries
 
 
 def _scan_walk_forward(
@@ -241,7 +241,6 @@ def _scan_walk_forward(
                 BLOCK_L=CHUNK,
                 BLOCK_E=block_e,
                 num_warps=warps,
-                num_stages=STAGES,
             )
     return out
 
@@ -297,7 +296,6 @@ def _scan_walk_backward(
             BLOCK_L=CHUNK,
             BLOCK_E=block_e,
             num_warps=warps,
-            num_stages=STAGES,
         )
         adjoint_carries = _chain_chunks(chunk_adjoints, logsums, A, adjoint=True)
         # 2. Every gradient, from states and adjoints recomputed inside each chunk, one launch per
@@ -367,7 +365,6 @@ def _scan_walk_backward(
                 BLOCK_L=CHUNK,
                 BLOCK_E=block_e,
                 num_warps=warps,
-                num_stages=STAGES,
             )
     # 3. The partial sums, added in a fixed order (deterministic; no atomics).
     dB = dB_parts.sum(1).to(B.dtype)

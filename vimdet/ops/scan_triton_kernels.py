@@ -205,11 +205,14 @@ def chunk_carry_kernel(
     NUM_DIRS: tl.constexpr,
     STATE: tl.constexpr,
     DIR0_DOWN: tl.constexpr,
+    CHUNK_TILE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Chain the chunks: carry[c] = the value entering chunk c; leaving it is
     exp(A * logsum[c]) * carry[c] + state[c]. Direction 0 runs up the chunks and direction 1 down
-    (``DIR0_DOWN`` swaps them, for adjoints). Grid: (cdiv(N * E, BLOCK), batch * dirs)."""
+    (``DIR0_DOWN`` swaps them, for adjoints). Each step scans CHUNK_TILE chunks at once
+    (``tl.associative_scan``), reading the chunk before each one in chaining order, so that the
+    scan yields the values entering them. Grid: (cdiv(N * E, BLOCK), batch * dirs)."""
     pid = tl.program_id(0)
     row = tl.program_id(1)
     d = row % NUM_DIRS
@@ -223,14 +226,31 @@ def chunk_carry_kernel(
         down = (d == 0).to(tl.int32)
     else:
         down = (d == 1).to(tl.int32)
+    rows = tl.arange(0, CHUNK_TILE)
     carry = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(n_chunks):
-        c = i + down * (n_chunks - 1 - 2 * i)
-        slab = (row * n_chunks + c).to(tl.int64)
-        state = tl.load(state_ptr + slab * STATE * channels + idx, mask=ok, other=0.0)
-        logsum = tl.load(logsum_ptr + slab * channels + e, mask=ok, other=0.0)
-        tl.store(carry_ptr + slab * STATE * channels + idx, carry, mask=ok)
-        carry = tl.exp2(a2 * logsum) * carry + state
+    for start in range(0, n_chunks, CHUNK_TILE):
+        step = start + rows  # positions in chaining order
+        before = step - 1  # the chunk whose leaving value enters this one
+        before_ok = (before >= 0) & (step < n_chunks)
+        chunk = step + down * (n_chunks - 1 - 2 * step)
+        chunk_before = before + down * (n_chunks - 1 - 2 * before)
+        slab = (row * n_chunks + chunk_before).to(tl.int64)
+        mask = before_ok[:, None] & ok[None, :]
+        state = tl.load(
+            state_ptr + slab[:, None] * STATE * channels + idx[None, :], mask=mask, other=0.0
+        )
+        logsum = tl.load(logsum_ptr + slab[:, None] * channels + e[None, :], mask=mask, other=0.0)
+        cumulative, entering = tl.associative_scan(
+            (tl.exp2(a2[None, :] * logsum), state), axis=0, combine_fn=_combine
+        )
+        entering += cumulative * carry[None, :]
+        slab = (row * n_chunks + chunk).to(tl.int64)
+        tl.store(
+            carry_ptr + slab[:, None] * STATE * channels + idx[None, :],
+            entering,
+            mask=(step < n_chunks)[:, None] & ok[None, :],
+        )
+        carry = tl.sum(tl.where(rows[:, None] == CHUNK_TILE - 1, entering, 0.0), axis=0)
 
 
 @triton.jit(do_not_specialize=["s_u_e", "s_dl_e", "s_z_e", "s_o_e"])
