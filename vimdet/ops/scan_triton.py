@@ -369,7 +369,7 @@ def _scan_walk_backward(
     # 3. The partial sums, added in a fixed order (deterministic; no atomics).
     dB = dB_parts.sum(1).to(B.dtype)
     dC = dC_parts.sum(1).to(C.dtype)
-    dA = dA_parts.sum(1).transpose(1, 2).to(A.dtype)
+    dA = dA_parts.sum(1).transpose(1, 2).contiguous().to(A.dtype)
     dD = dD_parts.sum(1).to(D.dtype) if D is not None else None
     dbias = dbias_parts.sum(1).to(delta_bias.dtype) if delta_bias is not None else None
     return du, ddelta, dA, dB, dC, dD, dz, dbias

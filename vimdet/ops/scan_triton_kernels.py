@@ -106,6 +106,13 @@ def _gate_grad(
     return dy, zt
 
 
+@triton.jit
+def _state_column(ptr, offsets, ok, n, stride_n, STATE: tl.constexpr):
+    """Column n of a (rows, N) tensor as fp32, zeros once n reaches STATE. The loops over states
+    load column n + 1 while they compute with column n: the loads' latency is then hidden."""
+    return tl.load(ptr + offsets + n * stride_n, mask=ok & (n < STATE), other=0.0).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["s_u_e", "s_dl_e"])
 def chunk_state_kernel(
     u_ptr,
@@ -178,14 +185,14 @@ def chunk_state_kernel(
         total = tl.sum(dt, axis=0)
         after = total[None, :] - tl.cumsum(dt, axis=0, reverse=d == 1)
         out_row = (b * NUM_DIRS + d) * n_chunks + chunk
+        a_ptr, a_offs = A_ptr + d * s_A_dir, offs_e * s_A_e
+        b_ptr, b_offs = B_ptr + d * s_B_dir + b.to(tl.int64) * s_B_b, tok * s_B_l
+        a_next = _state_column(a_ptr, a_offs, e_ok, 0, s_A_n, STATE)
+        bn_next = _state_column(b_ptr, b_offs, rows_ok, 0, s_B_n, STATE)
         for n in range(STATE):
-            a2 = tl.load(A_ptr + d * s_A_dir + offs_e * s_A_e + n * s_A_n, mask=e_ok, other=0.0)
-            a2 = a2.to(tl.float32) * LOG2E
-            bn = tl.load(
-                B_ptr + d * s_B_dir + b.to(tl.int64) * s_B_b + tok * s_B_l + n * s_B_n,
-                mask=rows_ok,
-                other=0.0,
-            ).to(tl.float32)
+            a2, bn = a_next * LOG2E, bn_next
+            a_next = _state_column(a_ptr, a_offs, e_ok, n + 1, s_A_n, STATE)
+            bn_next = _state_column(b_ptr, b_offs, rows_ok, n + 1, s_B_n, STATE)
             state = tl.sum(tl.exp2(after * a2[None, :]) * dtu * bn[:, None], axis=0)
             tl.store(state_ptr + (out_row * STATE + n) * channels + offs_e, state, mask=e_ok)
         tl.store(logsum_ptr + out_row * channels + offs_e, total, mask=e_ok)
@@ -334,19 +341,25 @@ def scan_output_kernel(
     dtu = dt * u
     y = tl.zeros_like(dtu)
     carry_ptr += b * s_carry_b + chunk * STATE * channels
+    B_ptr += b * s_B_b
+    C_ptr += b * s_C_b
+    a_next = _state_column(A_ptr, offs_e * s_A_e, e_ok, 0, s_A_n, STATE)
+    bn_next = _state_column(B_ptr, tok * s_B_l, rows_ok, 0, s_B_n, STATE)
+    cn_next = _state_column(C_ptr, tok * s_C_l, rows_ok, 0, s_C_n, STATE)
+    entering_next = _state_column(carry_ptr, offs_e, e_ok, 0, channels, STATE)
     for n in range(STATE):
-        a2 = tl.load(A_ptr + offs_e * s_A_e + n * s_A_n, mask=e_ok, other=0.0)
-        a2 = a2.to(tl.float32) * LOG2E
-        bn = tl.load(B_ptr + b * s_B_b + tok * s_B_l + n * s_B_n, mask=rows_ok, other=0.0)
-        cn = tl.load(C_ptr + b * s_C_b + tok * s_C_l + n * s_C_n, mask=rows_ok, other=0.0)
-        entering = tl.load(carry_ptr + n * channels + offs_e, mask=e_ok)
+        a2, bn, cn, entering = a_next * LOG2E, bn_next, cn_next, entering_next
+        a_next = _state_column(A_ptr, offs_e * s_A_e, e_ok, n + 1, s_A_n, STATE)
+        bn_next = _state_column(B_ptr, tok * s_B_l, rows_ok, n + 1, s_B_n, STATE)
+        cn_next = _state_column(C_ptr, tok * s_C_l, rows_ok, n + 1, s_C_n, STATE)
+        entering_next = _state_column(carry_ptr, offs_e, e_ok, n + 1, channels, STATE)
         cumulative, h = tl.associative_scan(
-            (tl.exp2(dt * a2[None, :]), dtu * bn.to(tl.float32)[:, None]),
+            (tl.exp2(dt * a2[None, :]), dtu * bn[:, None]),
             axis=0,
             combine_fn=_combine,
             reverse=REVERSE,
         )
-        y += (h + cumulative * entering[None, :]) * cn.to(tl.float32)[:, None]
+        y += (h + cumulative * entering[None, :]) * cn[:, None]
     if HAS_D:
         y += u * tl.load(D_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
     partial_ptrs = partial_ptr + (b * length + tok[:, None]) * channels + offs_e[None, :]
@@ -472,14 +485,14 @@ def chunk_adjoint_kernel(
         # Summed dt from the first walk position (exclusive) to each one (inclusive).
         since_first = tl.cumsum(dt, axis=0, reverse=d == 1) - first_dt[None, :]
         out_row = (b * NUM_DIRS + d) * n_chunks + chunk
+        a_ptr, a_offs = A_ptr + d * s_A_dir, offs_e * s_A_e
+        c_ptr, c_offs = C_ptr + d * s_C_dir + b64 * s_C_b, tok * s_C_l
+        a_next = _state_column(a_ptr, a_offs, e_ok, 0, s_A_n, STATE)
+        cn_next = _state_column(c_ptr, c_offs, rows_ok, 0, s_C_n, STATE)
         for n in range(STATE):
-            a2 = tl.load(A_ptr + d * s_A_dir + offs_e * s_A_e + n * s_A_n, mask=e_ok, other=0.0)
-            a2 = a2.to(tl.float32) * LOG2E
-            cn = tl.load(
-                C_ptr + d * s_C_dir + b64 * s_C_b + tok * s_C_l + n * s_C_n,
-                mask=rows_ok,
-                other=0.0,
-            ).to(tl.float32)
+            a2, cn = a_next * LOG2E, cn_next
+            a_next = _state_column(a_ptr, a_offs, e_ok, n + 1, s_A_n, STATE)
+            cn_next = _state_column(c_ptr, c_offs, rows_ok, n + 1, s_C_n, STATE)
             adjoint = tl.sum(tl.exp2(since_first * a2[None, :]) * dy * cn[:, None], axis=0)
             tl.store(state_ptr + (out_row * STATE + n) * channels + offs_e, adjoint, mask=e_ok)
         logsum = tl.sum(dt, axis=0) - first_dt + entry_dt
@@ -606,15 +619,22 @@ def scan_backward_kernel(
     part_row = b * n_chunks + chunk
     dB_part_ptr += e_block * s_dBp_blk + b * s_dBp_b
     dC_part_ptr += e_block * s_dBp_blk + b * s_dBp_b
+    B_ptr += b * s_B_b
+    C_ptr += b * s_C_b
+    a_next = _state_column(A_ptr, offs_e * s_A_e, e_ok, 0, s_A_n, STATE)
+    bn_next = _state_column(B_ptr, tok * s_B_l, rows_ok, 0, s_B_n, STATE)
+    cn_next = _state_column(C_ptr, tok * s_C_l, rows_ok, 0, s_C_n, STATE)
+    entering_next = _state_column(carry_ptr, offs_e, e_ok, 0, channels, STATE)
+    adj_entering_next = _state_column(adj_carry_ptr, offs_e, e_ok, 0, channels, STATE)
     for n in range(STATE):
-        a = tl.load(A_ptr + offs_e * s_A_e + n * s_A_n, mask=e_ok, other=0.0).to(tl.float32)
+        a, bn, cn = a_next, bn_next, cn_next
+        entering, adj_entering = entering_next, adj_entering_next
+        a_next = _state_column(A_ptr, offs_e * s_A_e, e_ok, n + 1, s_A_n, STATE)
+        bn_next = _state_column(B_ptr, tok * s_B_l, rows_ok, n + 1, s_B_n, STATE)
+        cn_next = _state_column(C_ptr, tok * s_C_l, rows_ok, n + 1, s_C_n, STATE)
+        entering_next = _state_column(carry_ptr, offs_e, e_ok, n + 1, channels, STATE)
+        adj_entering_next = _state_column(adj_carry_ptr, offs_e, e_ok, n + 1, channels, STATE)
         a2 = a * LOG2E
-        bn = tl.load(B_ptr + b * s_B_b + tok * s_B_l + n * s_B_n, mask=rows_ok, other=0.0)
-        bn = bn.to(tl.float32)
-        cn = tl.load(C_ptr + b * s_C_b + tok * s_C_l + n * s_C_n, mask=rows_ok, other=0.0)
-        cn = cn.to(tl.float32)
-        entering = tl.load(carry_ptr + n * channels + offs_e, mask=e_ok)
-        adj_entering = tl.load(adj_carry_ptr + n * channels + offs_e, mask=e_ok)
         drive = dtu * bn[:, None]
         cumulative, h = tl.associative_scan(
             (tl.exp2(dt * a2[None, :]), drive), axis=0, combine_fn=_combine, reverse=REVERSE
