@@ -43,6 +43,27 @@ def _combine(decay_left, value_left, decay_right, value_right):
 
 
 @triton.jit
+def _scan_rows(decay, value, REVERSE: tl.constexpr):
+    """h[t] = decay[t] * h[t -/+ 1] + value[t] down the rows (``REVERSE``: up from the last row),
+    with the cumulative decays. A reverse scan is a forward scan of the flipped tiles: Triton lowers
+    reverse scans through warp shuffles, flips of rows a thread holds through register moves."""
+    if REVERSE:
+        cumulative, h = tl.associative_scan(
+            (tl.flip(decay, 0), tl.flip(value, 0)), axis=0, combine_fn=_combine
+        )
+        return tl.flip(cumulative, 0), tl.flip(h, 0)
+    return tl.associative_scan((decay, value), axis=0, combine_fn=_combine)
+
+
+@triton.jit
+def _cumsum_rows(x, REVERSE: tl.constexpr):
+    """Inclusive sum down the rows (``REVERSE``: up), by flips as in ``_scan_rows``."""
+    if REVERSE:
+        return tl.flip(tl.cumsum(tl.flip(x, 0), axis=0), 0)
+    return tl.cumsum(x, axis=0)
+
+
+@triton.jit
 def _walk_token(pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride):
     """Token index of walk position ``pos``: start + (pos % inner) * inner_stride + (pos // inner)
     * outer_stride. Row-major is (0, L, 1, 0); column-major over an H x W grid is (0, H, W, 1)."""
@@ -183,7 +204,7 @@ def chunk_state_kernel(
         dtu = dt * u
         # Summed dt of the positions after each one in this direction's walk order.
         total = tl.sum(dt, axis=0)
-        after = total[None, :] - tl.cumsum(dt, axis=0, reverse=d == 1)
+        after = total[None, :] - _cumsum_rows(dt, d == 1)
         out_row = (b * NUM_DIRS + d) * n_chunks + chunk
         a_ptr, a_offs = A_ptr + d * s_A_dir, offs_e * s_A_e
         b_ptr, b_offs = B_ptr + d * s_B_dir + b.to(tl.int64) * s_B_b, tok * s_B_l
@@ -353,12 +374,7 @@ def scan_output_kernel(
         bn_next = _state_column(B_ptr, tok * s_B_l, rows_ok, n + 1, s_B_n, STATE)
         cn_next = _state_column(C_ptr, tok * s_C_l, rows_ok, n + 1, s_C_n, STATE)
         entering_next = _state_column(carry_ptr, offs_e, e_ok, n + 1, channels, STATE)
-        cumulative, h = tl.associative_scan(
-            (tl.exp2(dt * a2[None, :]), dtu * bn[:, None]),
-            axis=0,
-            combine_fn=_combine,
-            reverse=REVERSE,
-        )
+        cumulative, h = _scan_rows(tl.exp2(dt * a2[None, :]), dtu * bn[:, None], REVERSE)
         y += (h + cumulative * entering[None, :]) * cn[:, None]
     if HAS_D:
         y += u * tl.load(D_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
@@ -483,7 +499,7 @@ def chunk_adjoint_kernel(
         first_dt = tl.sum(tl.where(is_first, edge_dt, 0.0), axis=0)
         entry_dt = tl.sum(tl.where(is_first, 0.0, edge_dt), axis=0)
         # Summed dt from the first walk position (exclusive) to each one (inclusive).
-        since_first = tl.cumsum(dt, axis=0, reverse=d == 1) - first_dt[None, :]
+        since_first = _cumsum_rows(dt, d == 1) - first_dt[None, :]
         out_row = (b * NUM_DIRS + d) * n_chunks + chunk
         a_ptr, a_offs = A_ptr + d * s_A_dir, offs_e * s_A_e
         c_ptr, c_offs = C_ptr + d * s_C_dir + b64 * s_C_b, tok * s_C_l
@@ -636,16 +652,9 @@ def scan_backward_kernel(
         adj_entering_next = _state_column(adj_carry_ptr, offs_e, e_ok, n + 1, channels, STATE)
         a2 = a * LOG2E
         drive = dtu * bn[:, None]
-        cumulative, h = tl.associative_scan(
-            (tl.exp2(dt * a2[None, :]), drive), axis=0, combine_fn=_combine, reverse=REVERSE
-        )
+        cumulative, h = _scan_rows(tl.exp2(dt * a2[None, :]), drive, REVERSE)
         h += cumulative * entering[None, :]
-        cumulative, g = tl.associative_scan(
-            (tl.exp2(next_dt * a2[None, :]), dy * cn[:, None]),
-            axis=0,
-            combine_fn=_combine,
-            reverse=not REVERSE,
-        )
+        cumulative, g = _scan_rows(tl.exp2(next_dt * a2[None, :]), dy * cn[:, None], not REVERSE)
         g += cumulative * adj_entering[None, :]
         if HAS_Z:
             y += h * cn[:, None]
