@@ -31,8 +31,9 @@ def add_vimdet_config(cfg: CN) -> None:
     cfg.MODEL.VIM.DT_RANK = 0
     # Highest stochastic-depth rate; block i > 0 gets linspace(0, rate, depth)[i - 1].
     cfg.MODEL.VIM.DROP_PATH_RATE = 0.1
-    # Selective-scan backend: "auto" (cuda kernel on GPU if mamba-ssm is installed, else
-    # chunked), "cuda", "chunked" or "reference". $VIMDET_SCAN_BACKEND overrides "auto".
+    # Selective-scan backend: "auto" (ViMDet's Triton scan on a GPU, chunked on the CPU),
+    # "triton", "cuda" (mamba-ssm's kernel), "chunked" or "reference". $VIMDET_SCAN_BACKEND
+    # overrides "auto".
     cfg.MODEL.VIM.SCAN_BACKEND = "auto"
     # Recompute each block in the backward pass (activation checkpointing) to save memory.
     cfg.MODEL.VIM.USE_CHECKPOINT = False
