@@ -8,6 +8,7 @@ from detectron2.structures import ImageList
 
 import vimdet  # noqa: F401
 from vimdet import add_vimdet_config
+from vimdet.modeling import ChannelLayerNorm
 
 
 def tiny_cfg(**overrides):
@@ -127,3 +128,25 @@ def test_named_sizes():
 def test_bad_config_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         build_backbone(tiny_cfg(**overrides))
+
+
+def test_channel_layer_norm_equals_detectron2s():
+    # Same parameters and numbers as Detectron2's LayerNorm, which it replaces in the pyramid.
+    from detectron2.layers.batch_norm import LayerNorm
+
+    torch.manual_seed(0)
+    reference, fused = LayerNorm(6), ChannelLayerNorm(6)
+    with torch.no_grad():
+        reference.weight.normal_()
+        reference.bias.normal_()
+    fused.load_state_dict(reference.state_dict())  # same names, strict
+    x = torch.randn(2, 6, 5, 7, requires_grad=True)
+    weight = torch.randn(2, 6, 5, 7)
+    outputs, grads = [], []
+    for norm in (fused, reference):
+        out = norm(x)
+        outputs.append(out)
+        grads.append(torch.autograd.grad((out * weight).sum(), [x, norm.weight, norm.bias]))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for fused_grad, reference_grad in zip(*grads):
+        torch.testing.assert_close(fused_grad, reference_grad, rtol=1e-4, atol=1e-5)

@@ -164,6 +164,20 @@ def test_position_grid_resize():
     assert resize_pos_embed(pos, (14, 14), (14, 14)) is pos
     resized = resize_pos_embed(pos, (14, 14), (20, 31))
     assert resized.shape == (1, 20 * 31, 8)
+    # The separable matrix form equals PyTorch's bicubic upsampling, values and gradients.
+    pos.requires_grad_()
+    grid = pos.reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
+    expected = (
+        torch.nn.functional.interpolate(grid, size=(20, 31), mode="bicubic", align_corners=False)
+        .permute(0, 2, 3, 1)
+        .reshape(1, 20 * 31, 8)
+    )
+    resized = resize_pos_embed(pos, (14, 14), (20, 31))
+    torch.testing.assert_close(resized, expected, rtol=1e-5, atol=1e-6)
+    weight = torch.randn_like(resized)
+    (grad,) = torch.autograd.grad((resized * weight).sum(), pos)
+    (expected_grad,) = torch.autograd.grad((expected * weight).sum(), pos)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)  # fp32 sums of 620
     # Up then down by an integer factor of a constant grid stays constant.
     constant = torch.full((1, 16, 8), 0.5)
     torch.testing.assert_close(

@@ -3,7 +3,12 @@
 Importing this package registers the ``build_vim_fpn_backbone`` backbone.
 """
 
-from .backbone import VimFeaturePyramid, build_vim_fpn_backbone, vim_trunk_kwargs
+from .backbone import (
+    ChannelLayerNorm,
+    VimFeaturePyramid,
+    build_vim_fpn_backbone,
+    vim_trunk_kwargs,
+)
 from .vim import VIM_SIZES, BiMambaMixer, RMSNorm, VimBlock, VisionMamba, resize_pos_embed
 from .vim_weights import (
     TRUNK_PREFIX,
@@ -19,6 +24,7 @@ __all__ = [
     "TRUNK_PREFIX",
     "VIM_SIZES",
     "BiMambaMixer",
+    "ChannelLayerNorm",
     "RMSNorm",
     "VimBlock",
     "VimFeaturePyramid",

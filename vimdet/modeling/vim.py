@@ -9,6 +9,7 @@ no weight decay (``pos_embed``, ``A_log``, ``D``, the RMSNorm weights) carry the
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Sequence, Tuple
 
@@ -225,16 +226,31 @@ class VimBlock(nn.Module):
         return self.mixer(self.norm(residual)), residual
 
 
+@functools.lru_cache(maxsize=64)
+def _bicubic_matrix(src: int, dst: int, device: torch.device) -> Tensor:
+    """(dst, src) weights of PyTorch's 1-D bicubic resize (align_corners=False), as a matrix."""
+    basis = torch.eye(src, device=device)[None, :, :, None]  # src signals of length src
+    weights = F.interpolate(basis, size=(dst, 1), mode="bicubic", align_corners=False)
+    return weights[0, :, :, 0].t().contiguous()
+
+
 def resize_pos_embed(
     pos_embed: Tensor, src_grid: Tuple[int, int], dst_grid: Tuple[int, int]
 ) -> Tensor:
-    """Bicubically resize a (1, Hs*Ws, C) position grid to (1, Hd*Wd, C); exact if sizes match."""
+    """Bicubically resize a (1, Hs*Ws, C) position grid to (1, Hd*Wd, C); exact if sizes match.
+
+    Bicubic resizing is separable and linear: rows (Hd, Hs) @ grid @ cols (Ws, Wd), two small
+    matmuls in fp32 instead of an upsampling kernel, which is cheap enough to run (and
+    differentiate) at every training step. Equal to ``F.interpolate(mode="bicubic")``.
+    """
     if tuple(src_grid) == tuple(dst_grid):
         return pos_embed
-    channels = pos_embed.shape[-1]
-    grid = pos_embed.reshape(1, src_grid[0], src_grid[1], channels).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=dst_grid, mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, dst_grid[0] * dst_grid[1], channels).to(pos_embed)
+    rows = _bicubic_matrix(src_grid[0], dst_grid[0], pos_embed.device)
+    cols = _bicubic_matrix(src_grid[1], dst_grid[1], pos_embed.device)
+    grid = pos_embed.reshape(src_grid[0], src_grid[1], -1).float()
+    with torch.autocast(pos_embed.device.type, enabled=False):
+        resized = torch.einsum("ih,hwc,jw->ijc", rows, grid, cols)
+    return resized.reshape(1, dst_grid[0] * dst_grid[1], -1).to(pos_embed.dtype)
 
 
 class _PatchEmbed(nn.Module):
