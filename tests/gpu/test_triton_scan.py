@@ -9,6 +9,7 @@ from vimdet.modeling import VimFeaturePyramid, VisionMamba
 from vimdet.ops import (
     bidirectional_selective_scan,
     column_major_walk,
+    conv_both_directions,
     cuda_kernel_available,
     resolve_backend,
     selective_scan,
@@ -156,6 +157,30 @@ def test_column_walk_matches_transposed_grid():
         **kw, walk=column_major_walk(height, width), backend="chunked"
     )
     assert_same(on_grid, reference, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_conv_of_both_directions_matches_conv1d(dtype):
+    # Vim-B's inner width at 800x1344; x is half of in_proj's output, as in the mixer.
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    xz = torch.randn(2, 4200, 2 * 1536, generator=gen, device="cuda").to(dtype)
+    params = [
+        torch.randn(1536, 1, 4, generator=gen, device="cuda") * 0.5,
+        torch.randn(1536, generator=gen, device="cuda"),
+        torch.randn(1536, 1, 4, generator=gen, device="cuda") * 0.5,
+        torch.randn(1536, generator=gen, device="cuda"),
+    ]
+    results = []
+    for backend in ("triton", "chunked"):  # chunked: the F.conv1d path
+        leaves = [xz.clone().requires_grad_()] + [p.clone().requires_grad_() for p in params]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = conv_both_directions(leaves[0][..., :1536], *leaves[1:], backend=backend)
+        upstream = torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)
+        results.append((out, torch.autograd.grad((out.float() * upstream).sum(), leaves)))
+    (out, grads), (expected, expected_grads) = results
+    assert_close(out, expected, dtype, "output")
+    for name, grad, expected_grad in zip(("x", "w", "b", "w_b", "b_b"), grads, expected_grads):
+        assert_close(grad, expected_grad, dtype, f"grad of {name}")
 
 
 def test_auto_picks_triton_on_gpu():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vimdet.ops import bidirectional_selective_scan
+from vimdet.ops import bidirectional_selective_scan, conv_both_directions
 
 __all__ = ["VIM_SIZES", "RMSNorm", "BiMambaMixer", "VimBlock", "VisionMamba", "resize_pos_embed"]
 
@@ -162,23 +162,16 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden (B, L, dim) -> (B, L, dim)."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # token-major (B, L, E) views
-        x = x.transpose(1, 2)  # (B, E, L), as the depthwise convs read it
-        length = x.shape[-1]
-        u_forward = F.silu(self.conv1d(x)[..., :length])
-        # The backward branch's causal conv on the flipped sequence is, unflipped, an anti-causal
-        # conv with the taps reversed: u_b[t] = bias + sum_j w[K-1-j] * x[t+j].
-        taps = self.conv1d_b.kernel_size[0]
-        u_backward = F.silu(
-            F.conv1d(
-                F.pad(x, (0, taps - 1)),
-                self.conv1d_b.weight.flip(-1),
-                self.conv1d_b.bias,
-                groups=self.d_inner,
-            )
+        # Both directions' convs + SiLU, token-major: (2, B, L, E). Each direction's projections
+        # run as one batched matmul over the stacked weights; B and C are views of its output.
+        u = conv_both_directions(
+            x,
+            self.conv1d.weight,
+            self.conv1d.bias,
+            self.conv1d_b.weight,
+            self.conv1d_b.bias,
+            backend=self.scan_backend,
         )
-        # Both directions stacked, token-major: (2, B, L, E). Each direction's projections run
-        # as one batched matmul over the stacked weights; B and C are views of its output.
-        u = torch.stack([u_forward, u_backward]).transpose(2, 3)
         x_proj = torch.stack([self.x_proj.weight, self.x_proj_b.weight]).transpose(1, 2)
         dt, b, c = torch.matmul(u, x_proj[:, None]).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1

@@ -1,5 +1,7 @@
-"""Ops: the selective scan, one dispatcher over its Triton, CUDA, chunked and reference backends."""
+"""Ops: the selective scan, one dispatcher over its Triton, CUDA, chunked and reference backends,
+and the mixer's depthwise convolutions of both directions."""
 
+from .conv import conv_both_directions
 from .scan_mamba import cuda_kernel_available
 from .scan_triton import column_major_walk, row_major_walk, triton_available
 from .selective_scan import (
@@ -17,6 +19,7 @@ __all__ = [
     "ENV_VAR",
     "bidirectional_selective_scan",
     "column_major_walk",
+    "conv_both_directions",
     "cuda_kernel_available",
     "resolve_backend",
     "row_major_walk",

@@ -18,6 +18,7 @@ start + (p % inner) * inner_stride + (p // inner) * outer_stride: row-major is (
 column-major over an H x W grid is (0, H, W, 1); direction 1 walks it backwards.
 """
 
+import contextlib
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -101,15 +102,7 @@ def _walk_args(walk: Sequence[int]) -> Tuple[int, int, int, int]:
 
 
 def _device_guard(tensor: Tensor):
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def _state_carries(

@@ -1,0 +1,51 @@
+"""Vim's depthwise convolutions of both scan directions (Zhu et al., arXiv 2401.09417), + SiLU.
+
+The forward direction's conv is causal; the backward direction's, which Vim runs on the flipped
+sequence, is unflipped an anti-causal conv with its taps reversed. Where the scan runs on the
+``triton`` backend (:func:`vimdet.ops.resolve_backend`), both come from one Triton kernel that
+reads the token-major x once and writes token-major outputs; elsewhere from ``F.conv1d``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .conv_triton import conv_both_directions_triton
+from .selective_scan import resolve_backend
+
+__all__ = ["conv_both_directions"]
+
+
+def conv_both_directions(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    weight_b: Tensor,
+    bias_b: Tensor,
+    backend: str = "auto",
+) -> Tensor:
+    """SiLU of both directions' depthwise convs of the token-major ``x``.
+
+    Args:
+        x: (batch, L, E), any strides (e.g. half of ``in_proj``'s output).
+        weight, bias: the forward direction's ``nn.Conv1d`` parameters, (E, 1, K) and (E,).
+        weight_b, bias_b: the backward direction's, same shapes.
+        backend: the scan backend; ``triton`` runs the fused kernel.
+
+    Returns:
+        (2, batch, L, E): direction 0 ``silu(b + sum_j w[K-1-j] x[t-j])``, direction 1
+        ``silu(b_b + sum_j w_b[K-1-j] x[t+j])``, x zero outside the sequence; x's dtype.
+    """
+    if resolve_backend(backend, x.device) == "triton":
+        return conv_both_directions_triton(
+            x, torch.stack([weight[:, 0], weight_b[:, 0]]), torch.stack([bias, bias_b])
+        )
+    channels_first = x.transpose(1, 2)  # (batch, E, L), as F.conv1d reads it
+    taps, length = weight.shape[-1], x.shape[1]
+    forward = F.conv1d(channels_first, weight, bias, padding=taps - 1, groups=x.shape[-1])
+    backward = F.conv1d(
+        F.pad(channels_first, (0, taps - 1)), weight_b.flip(-1), bias_b, groups=x.shape[-1]
+    )
+    return F.silu(torch.stack([forward[..., :length], backward])).transpose(2, 3)

@@ -1,0 +1,113 @@
+# ruff: noqa: UP045 (torch.library infers op schemas from typing.Optional annotations)
+"""Vim's depthwise convolutions of both directions in Triton, registered as
+``vimdet::conv_both_directions`` with its autograd and fake implementations.
+
+x (batch, L, E), any batch and token strides -> u (2, batch, L, E) contiguous: direction 0 the
+causal conv + SiLU, direction 1 the anti-causal one (Vim's flipped branch, unflipped). The kernels
+are in :mod:`vimdet.ops.conv_triton_kernels`.
+"""
+
+import contextlib
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+
+    from . import conv_triton_kernels as kernels
+except ImportError:
+    triton = None
+    kernels = None
+
+__all__ = ["conv_both_directions_triton"]
+
+# (positions, channels) of a program's tile.
+BLOCK = (32, 64)
+
+
+def _grid(x: Tensor) -> Tuple[int, int, int]:
+    batch, length, channels = x.shape
+    return (triton.cdiv(length, BLOCK[0]), triton.cdiv(channels, BLOCK[1]), batch)
+
+
+def _device_guard(tensor: Tensor):
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+@torch.library.custom_op("vimdet::conv_both_directions", mutates_args=())
+def _conv_op(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    batch, length, channels = x.shape
+    u = x.new_empty((2, batch, length, channels))
+    with _device_guard(x):
+        kernels.conv_forward_kernel[_grid(x)](
+            x, weight, bias, u, length, channels, x.stride(0), x.stride(1),
+            weight.stride(0), weight.stride(1), bias.stride(0),
+            u.stride(0), u.stride(1), u.stride(2),
+            TAPS=weight.shape[-1], BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1],
+        )  # fmt: skip
+    return u
+
+
+@_conv_op.register_fake
+def _conv_fake(x, weight, bias):
+    return x.new_empty((2, *x.shape))
+
+
+@torch.library.custom_op("vimdet::conv_both_directions_backward", mutates_args=())
+def _conv_backward_op(
+    du: Tensor, x: Tensor, weight: Tensor, bias: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    batch, length, channels = x.shape
+    taps = weight.shape[-1]
+    grid = _grid(x)
+    blocks = grid[0] * batch
+    f32 = {"dtype": torch.float32, "device": x.device}
+    grads = torch.empty((2, batch, length, channels), **f32)
+    dw_parts = torch.empty((blocks, 2, taps, channels), **f32)
+    dbias_parts = torch.empty((blocks, 2, channels), **f32)
+    dx = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
+    with _device_guard(x):
+        kernels.conv_backward_kernel[grid](
+            x, weight, bias, du, grads, dw_parts, dbias_parts, length, channels,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0),
+            du.stride(0), du.stride(1), du.stride(2),
+            TAPS=taps, BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1],
+        )  # fmt: skip
+        kernels.conv_backward_input_kernel[grid](
+            grads, weight, dx, length, channels, batch, weight.stride(0), weight.stride(1),
+            dx.stride(0), dx.stride(1), TAPS=taps, BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1],
+        )  # fmt: skip
+    # Partial sums added in a fixed order: deterministic, no atomics.
+    dweight = dw_parts.sum(0).transpose(1, 2).contiguous().to(weight.dtype)
+    return dx, dweight, dbias_parts.sum(0).to(bias.dtype)
+
+
+@_conv_backward_op.register_fake
+def _conv_backward_fake(du, x, weight, bias):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        weight.new_empty(weight.shape),
+        bias.new_empty(bias.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, du):
+    x, weight, bias = ctx.saved_tensors
+    return _conv_backward_op(du, x, weight, bias)
+
+
+_conv_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def conv_both_directions_triton(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """x (batch, L, E); weight (2, E, K) taps of both directions; bias (2, E) -> u (2, batch, L,
+    E) in x's dtype. x is read in place when its channels are contiguous."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return _conv_op(x, weight.contiguous(), bias.contiguous())
