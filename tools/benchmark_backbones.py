@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""ViMDet-T/S/B against Detectron2's ViTDet-B in one run: backbone speed and memory by resolution.
+
+    python tools/benchmark_backbones.py                              # GPU, every model and size
+    python tools/benchmark_backbones.py --models vitdet_b_sdpa vim_b --sizes 1024x1024 \\
+        --json out.json --plot docs/backbones.png
+
+Backbone = trunk + pyramid, fed a (batch, 3, H, W) bf16-autocast tensor. Rows:
+
+- ``vitdet_b``: Detectron2's ``ViT`` + ``SimpleFeaturePyramid`` with ViTDet-B's settings (embed 768,
+  depth 12, 12 heads, 14x14 windows, global blocks 2/5/8/11, decomposed relative positions, LN
+  eps 1e-6; scales 4, 2, 1, 0.5 and a max-pooled p6), as shipped.
+- ``vitdet_b_sdpa``: the same weights, attention through ``scaled_dot_product_attention`` with the
+  relative positions as an additive bias (what a careful user runs).
+- ``vitdet_b_sdpa_compiled``: that model under ``torch.compile`` (the strongest ViT baseline).
+- ``vim_t``/``vim_s``/``vim_b``: ViMDet's backbone from ``configs/cascade_vim_{t,s,b}.yaml``.
+
+Per model and size: inference ms/img (no grad), training step ms/img (forward + backward of a
+scalar of the pyramid's outputs) and the training step's peak memory beyond the weights. Times are
+medians over ``--repeats`` after warm-up, synchronised on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+from detectron2.modeling import ViT
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detectron2.modeling.backbone.utils import get_rel_pos
+from detectron2.modeling.backbone.vit import SimpleFeaturePyramid
+
+from vimdet.config import build_cfg
+from vimdet.modeling import build_vim_fpn_backbone
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VIM_CONFIGS = {
+    "vim_t": "cascade_vim_t.yaml",
+    "vim_s": "cascade_vim_s.yaml",
+    "vim_b": "cascade_vim_b.yaml",
+}
+MODELS = ("vitdet_b", "vitdet_b_sdpa", "vitdet_b_sdpa_compiled", "vim_t", "vim_s", "vim_b")
+
+
+def vitdet_b(image_size: int) -> torch.nn.Module:
+    """Detectron2's ViTDet-B backbone (projects/ViTDet's COCO config), built for ``image_size``."""
+    net = ViT(
+        img_size=image_size,
+        patch_size=16,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        drop_path_rate=0.1,
+        window_size=14,
+        mlp_ratio=4,
+        qkv_bias=True,
+        norm_layer=lambda dim: torch.nn.LayerNorm(dim, eps=1e-6),
+        window_block_indexes=[0, 1, 3, 4, 6, 7, 9, 10],
+        residual_block_indexes=[],
+        use_rel_pos=True,
+        out_feature="last_feat",
+    )
+    return SimpleFeaturePyramid(
+        net,
+        in_feature="last_feat",
+        out_channels=256,
+        scale_factors=(4.0, 2.0, 1.0, 0.5),
+        top_block=LastLevelMaxPool(),
+        norm="LN",
+        square_pad=0,
+    )
+
+
+def sdpa_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Detectron2's ``vit.Attention.forward`` with ``scaled_dot_product_attention``; the
+    decomposed relative positions (MViTv2) enter as an additive (H*W, H*W) bias per query."""
+    batch, height, width, _ = x.shape
+    qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (batch, heads, H*W, head_dim)
+    bias = None
+    if self.use_rel_pos:
+        rel_h = get_rel_pos(height, height, self.rel_pos_h)
+        rel_w = get_rel_pos(width, width, self.rel_pos_w)
+        grid_q = q.reshape(batch, self.num_heads, height, width, -1)
+        bias_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rel_h)
+        bias_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rel_w)
+        bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(
+            batch, self.num_heads, height * width, height * width
+        )
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = out.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
+    return self.proj(out.reshape(batch, height, width, -1))
+
+
+def use_sdpa(model: torch.nn.Module) -> torch.nn.Module:
+    """Route every ViT attention block of ``model`` through :func:`sdpa_attention_forward`."""
+    for block in model.net.blocks:
+        block.attn.forward = types.MethodType(sdpa_attention_forward, block.attn)
+    return model
+
+
+def build(name: str, image_size: int, device: str) -> torch.nn.Module:
+    if name.startswith("vitdet_b"):
+        model = vitdet_b(image_size)
+        if "sdpa" in name:
+            model = use_sdpa(model)
+    else:
+        config = os.path.join(REPO, "configs", VIM_CONFIGS[name])
+        model = build_vim_fpn_backbone(build_cfg(config, ["MODEL.DEVICE", device]))
+    model = model.to(device)
+    if name.endswith("_compiled"):
+        model = torch.compile(model)
+    return model
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(step, device: str, repeats: int) -> float:
+    step()  # warm-up: compilation, autotuning, allocator
+    step()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(name: str, height: int, width: int, batch: int, device: str, repeats: int) -> dict:
+    """ms/img of inference and of a training step, and the step's peak memory in GiB."""
+    model = build(name, max(height, width), device)
+    images = torch.randn(batch, 3, height, width, device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+    def infer():
+        with torch.no_grad(), autocast:
+            model(images)
+
+    def train():
+        with autocast:
+            outputs = model(images)
+        sum(out.float().square().mean() for out in outputs.values()).backward()
+
+    model.eval()
+    infer_s = median_seconds(infer, device, repeats)
+    model.train()
+    peak = float("nan")
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    train_s = median_seconds(train, device, repeats)
+    if device == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return {
+        "model": name,
+        "size": f"{height}x{width}",
+        "batch": batch,
+        "infer_ms_per_img": infer_s * 1e3 / batch,
+        "train_ms_per_img": train_s * 1e3 / batch,
+        "train_peak_gib": peak,
+    }
+
+
+def _pixels(size: str) -> int:
+    height, width = (int(v) for v in size.split("x"))
+    return height * width
+
+
+def plot(rows: list, path: str) -> None:
+    """Training step time and peak memory against resolution, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    sizes = sorted({row["size"] for row in rows}, key=_pixels)
+    for name in dict.fromkeys(row["model"] for row in rows):
+        points = {row["size"]: row for row in rows if row["model"] == name}
+        xs = [s for s in sizes if s in points]
+        axes[0].plot(xs, [points[s]["train_ms_per_img"] for s in xs], marker="o", label=name)
+        axes[1].plot(xs, [points[s]["train_peak_gib"] for s in xs], marker="o", label=name)
+    axes[0].set_ylabel("training step, ms / image")
+    axes[1].set_ylabel("training peak memory, GiB")
+    for axis in axes:
+        axis.set_xlabel("input size")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--sizes", nargs="+", default=["1024x1024", "832x1344", "2048x2048"])
+    parser.add_argument("--batch", type=int, default=2, help="batch (1 at 2048x2048)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--plot", help="write a PNG of time and memory against size here")
+    args = parser.parse_args()
+
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    print(f"# {name}, torch {torch.__version__}, bf16 autocast, median of {args.repeats}")
+    print("| model | size | batch | infer ms/img | train ms/img | train peak GiB |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for size in args.sizes:
+        height, width = (int(v) for v in size.split("x"))
+        batch = 1 if height * width >= 2048 * 2048 else args.batch
+        for model in args.models:
+            try:
+                row = measure(model, height, width, batch, args.device, args.repeats)
+            except torch.OutOfMemoryError:
+                row = {"model": model, "size": size, "batch": batch, "error": "out of memory"}
+                print(f"| {model} | {size} | {batch} | out of memory | | |", flush=True)
+            else:
+                print(
+                    f"| {model} | {size} | {batch} | {row['infer_ms_per_img']:.1f} | "
+                    f"{row['train_ms_per_img']:.1f} | {row['train_peak_gib']:.2f} |",
+                    flush=True,
+                )
+            rows.append(row)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=1)
+    if args.plot:
+        plot([row for row in rows if "error" not in row], args.plot)
+
+
+if __name__ == "__main__":
+    main()
