@@ -1,5 +1,6 @@
 """Released-layout Vim checkpoints convert and load with every trunk tensor matched, or fail."""
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -153,7 +154,7 @@ def test_missing_and_corrupt_files(tmp_path):
         load_vim_trunk(net, str(tmp_path / "nowhere.pth"))
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a torch file at all")
-    with pytest.raises(ValueError, match="could not be read by torch.load"):
+    with pytest.raises(pickle.UnpicklingError, match="is not a PyTorch checkpoint"):
         load_vim_trunk(net, str(broken))
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import pickle
 from typing import Dict, List, Mapping, Tuple
 
 import torch
@@ -21,6 +19,9 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from vimdet.modeling.vim import resize_pos_embed
+
+from .io import load_checkpoint, state_dict_of
+from .safety import SafeCheckpointerMixin
 
 __all__ = [
     "TRUNK_PREFIX",
@@ -44,28 +45,8 @@ _REQUIRED_KEYS = (
 
 
 def load_checkpoint_file(path: str) -> Dict[str, Tensor]:
-    """Read a .pth/.pkl file and return its state dict (the ``model`` entry if there is one).
-
-    Released Vim files also pickle their training arguments, so the file is fully unpickled:
-    load only files you trust.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"checkpoint {path!r} does not exist; give the path of a Vim "
-            ".pth file (e.g. vim_t_midclstok_76p1acc.pth)"
-        )
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
-        raise ValueError(
-            f"checkpoint {path!r} could not be read by torch.load ({error}); is it a "
-            "complete PyTorch checkpoint file?"
-        ) from error
-    if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
-        content = content["model"]
-    if not isinstance(content, Mapping):
-        raise ValueError(f"checkpoint {path!r} holds a {type(content).__name__}, not a state dict")
-    return dict(content)
+    """Read a .pth file safely (see :mod:`vimdet.checkpoint.io`) and return its state dict."""
+    return state_dict_of(load_checkpoint(path), path)
 
 
 def _split_cls_row(pos_embed: Tensor) -> Tuple[Tensor, bool]:
@@ -189,7 +170,7 @@ def load_vim_trunk(net: nn.Module, path: str) -> Dict[str, List[str]]:
     return report
 
 
-class VimDetCheckpointer(DetectionCheckpointer):
+class VimDetCheckpointer(SafeCheckpointerMixin, DetectionCheckpointer):
     """Detectron2's checkpointer, strict about the Vim trunk.
 
     - Trunk tensors of the wrong shape are an error: Detectron2 would skip them with a warning
@@ -197,6 +178,8 @@ class VimDetCheckpointer(DetectionCheckpointer):
     - A released Vim classification file given as MODEL.WEIGHTS is converted on the fly (its
       keys have no ``backbone.net.`` prefix, so Detectron2 would load none of them).
     - The position grid is resized (with a log line) when only its size differs.
+    - Files are read without running code, saved atomically, resumed with a fallback, and the
+      trunk must be complete (:class:`~vimdet.checkpoint.safety.SafeCheckpointerMixin`).
     """
 
     def _load_model(self, checkpoint):
@@ -219,5 +202,6 @@ class VimDetCheckpointer(DetectionCheckpointer):
                 weights = {TRUNK_PREFIX + key: value for key, value in trunk.items()}
                 checkpoint["model"] = weights
             fitted = _fit_to_trunk(_trunk_tensors(weights), net, "loading MODEL.WEIGHTS")
+            self.check_trunk_complete(fitted, net)
             weights.update({TRUNK_PREFIX + key: value for key, value in fitted.items()})
         return super()._load_model(checkpoint)

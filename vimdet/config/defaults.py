@@ -37,6 +37,9 @@ def add_vimdet_config(cfg: CN) -> None:
     # A released Vim classification checkpoint (.pth) or a converted one to load into the trunk
     # when the model is built; "" loads nothing (MODEL.WEIGHTS still applies afterwards).
     cfg.MODEL.VIM.PRETRAINED = ""
+    # Accept MODEL.WEIGHTS that cover the trunk only in part (missing or extra Vim blocks, no
+    # trunk at all); False makes such a checkpoint an error that lists what is missing or extra.
+    cfg.MODEL.VIM.ALLOW_PARTIAL_WEIGHTS = False
 
     cfg.MODEL.VIM_FPN = CN()
     # 1-based Vim blocks whose output stream feeds the pyramid, one per level.
@@ -51,6 +54,10 @@ def add_vimdet_config(cfg: CN) -> None:
     cfg.MODEL.VIM_FPN.TOP_BLOCK = True
     # Pad every batch to this square size (ViTDet's LSJ style); 0 pads only to divisibility.
     cfg.MODEL.VIM_FPN.SQUARE_PAD = 0
+
+    # Training images that may fail to decode mid-run (each is skipped with a warning naming it
+    # and counted); one more stops the run. Images are also header-checked before training.
+    cfg.DATALOADER.MAX_BAD_IMAGES = 10
 
     # Optimizer for the detector: "ADAMW" (ViTDet's recipe) or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"
