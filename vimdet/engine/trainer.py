@@ -1,4 +1,5 @@
-"""Detectron2's DefaultTrainer with ViMDet's optimizer, checkpointer, evaluator and AMP dtype."""
+"""Detectron2's DefaultTrainer with ViMDet's optimizer, checkpointer, evaluator, AMP dtype,
+checked training data and exact resume."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import weakref
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -23,6 +24,9 @@ from detectron2.utils.logger import setup_logger
 from vimdet.checkpoint import VimDetCheckpointer
 from vimdet.data.checks import CheckedDatasetMapper, explain_dataset_errors
 from vimdet.solver import build_vimdet_optimizer
+
+from .exact_resume import ExactResumeHook, ResumableTrainStream
+from .train_data import build_checked_train_loader
 
 __all__ = ["VimDetTrainer"]
 
@@ -72,12 +76,15 @@ class VimDetTrainer(DefaultTrainer):
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
         return build_vimdet_optimizer(cfg, model)
 
+    def build_hooks(self) -> list:
+        # First, so that every later hook and the iteration see the iteration's seeded RNGs.
+        stream = getattr(self.data_loader, "dataset", None)
+        seed = stream.seed if isinstance(stream, ResumableTrainStream) else max(self.cfg.SEED, 0)
+        return [ExactResumeHook(seed)] + super().build_hooks()
+
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
-        mapper = CheckedDatasetMapper(cfg, is_train=True)
-        return explain_dataset_errors(
-            cfg.DATASETS.TRAIN, lambda: build_detection_train_loader(cfg, mapper=mapper)
-        )
+        return build_checked_train_loader(cfg)
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
