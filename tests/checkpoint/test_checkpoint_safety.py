@@ -81,9 +81,10 @@ def test_released_file_with_training_arguments_loads_as_model_weights(tmp_path):
         (b"not a torch file at all", pickle.UnpicklingError, "is not a PyTorch checkpoint"),
         ("truncated", (RuntimeError, OSError), "is truncated or corrupt"),
         ("list", ValueError, "holds a list, not a dict of tensors"),
+        ("ints", ValueError, "is not a state dict: 1 entries are not tensors (e.g. ['epoch'])"),
         (None, FileNotFoundError, "does not exist"),
     ],
-    ids=["empty", "not-torch", "truncated", "not-a-dict", "missing"],
+    ids=["empty", "not-torch", "truncated", "not-a-dict", "not-tensors", "missing"],
 )
 def test_bad_files_name_the_file(tmp_path, content, error, message):
     path = tmp_path / "weights.pth"
@@ -92,6 +93,8 @@ def test_bad_files_name_the_file(tmp_path, content, error, message):
         path.write_bytes(path.read_bytes()[:5000])
     elif content == "list":
         torch.save([1, 2, 3], path)
+    elif content == "ints":
+        torch.save({"epoch": 3}, path)
     elif content is not None:
         path.write_bytes(content)
     model = build_model(detector_cfg())

@@ -20,13 +20,14 @@ import pickle
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
+import numpy as np
 from torch import Tensor, nn
 
 from vimdet.errors import same_type_error
 
 from .io import atomic_save, atomic_write_text, load_checkpoint, load_pickled_arrays
 
-__all__ = ["SafeCheckpointerMixin", "describe_trunk_mismatch"]
+__all__ = ["SafeCheckpointerMixin", "describe_trunk_mismatch", "released_layout_problems"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,35 @@ def describe_trunk_mismatch(checkpoint_keys: Iterable[str], model_keys: Iterable
     return "; ".join(lines)
 
 
+def released_layout_problems(state_dict: Mapping[str, Any]) -> List[str]:
+    """What is wrong with the shapes of a Vim state dict's patch embedding and position grid."""
+    weight, grid = state_dict["patch_embed.proj.weight"], state_dict["pos_embed"]
+    problems = []
+    if weight.dim() != 4 or weight.shape[0] == 0 or weight.shape[1] != 3:
+        problems.append(f"patch_embed.proj.weight is {tuple(weight.shape)}, not (width, 3, P, P)")
+    elif grid.dim() != 3 or grid.shape[0] != 1 or grid.shape[1] == 0:
+        problems.append(f"pos_embed is {tuple(grid.shape)}, not (1, tokens, width)")
+    elif grid.shape[2] != weight.shape[0]:
+        problems.append(f"pos_embed is {grid.shape[2]} wide but patch_embed {weight.shape[0]} wide")
+    return problems
+
+
+def _check_weights(weights: Any, path: str) -> None:
+    """Raise ValueError naming ``path`` unless ``weights`` maps names to tensors or arrays."""
+    if not isinstance(weights, Mapping):
+        raise ValueError(
+            f"checkpoint {path!r}: its 'model' entry is a {type(weights).__name__}, not a state "
+            "dict; give a file saved as torch.save({'model': model.state_dict()}, path)"
+        )
+    wrong = [k for k, v in weights.items() if not isinstance(v, (Tensor, np.ndarray))]
+    if wrong:
+        raise ValueError(
+            f"checkpoint {path!r} is not a state dict: {len(wrong)} entries are not tensors "
+            f"(e.g. {wrong[:3]}); give a file saved as torch.save({{'model': "
+            "model.state_dict()}, path)"
+        )
+
+
 class SafeCheckpointerMixin:
     """Safe loading, atomic saving, resume fallback and a complete-trunk check (see module)."""
 
@@ -85,7 +115,12 @@ class SafeCheckpointerMixin:
     def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         if path and "://" not in path and not os.path.isfile(path):
             load_checkpoint(path)  # raises FileNotFoundError/IsADirectoryError naming the path
-        return super().load(path, *args, **kwargs)
+        try:
+            return super().load(path, *args, **kwargs)
+        except ValueError as error:  # a content problem found after reading: name the file
+            if path in str(error):
+                raise
+            raise same_type_error(error, f"loading {path}: {error}") from error
 
     def _torch_load(self, f: str) -> Dict[str, Any]:
         if self._verified is not None and self._verified[0] == f:
@@ -101,7 +136,9 @@ class SafeCheckpointerMixin:
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if not filename.endswith(".pkl"):
-            return super()._load_file(filename)
+            loaded = super()._load_file(filename)
+            _check_weights(loaded["model"], filename)
+            return loaded
         # Detectron2 reads .pkl files with pickle.load, which runs whatever the file asks for.
         data = load_pickled_arrays(filename)
         if not isinstance(data, Mapping):
@@ -110,6 +147,7 @@ class SafeCheckpointerMixin:
             return dict(data)
         data = data.get("blobs", data)
         weights = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+        _check_weights(weights, filename)
         return {"model": weights, "__author__": "Caffe2", "matching_heuristics": True}
 
     def check_trunk_complete(self, trunk_state: Mapping[str, Tensor], net: nn.Module) -> None:

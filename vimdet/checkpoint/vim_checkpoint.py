@@ -21,7 +21,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from vimdet.modeling.vim import resize_pos_embed
 
 from .io import load_checkpoint, state_dict_of
-from .safety import SafeCheckpointerMixin
+from .safety import SafeCheckpointerMixin, released_layout_problems
 
 __all__ = [
     "TRUNK_PREFIX",
@@ -80,6 +80,9 @@ def convert_vim_state_dict(
             f"{sample}). Expected a released Vim .pth with patch_embed, pos_embed and "
             "layers.{i}.mixer.* tensors"
         )
+    layout = released_layout_problems(state_dict)
+    if layout:
+        raise ValueError(f"not a Vim checkpoint ViMDet can load: {'; '.join(layout)}")
     width = state_dict["patch_embed.proj.weight"].shape[0]
     if expected_dim is not None and width != expected_dim:
         raise ValueError(
