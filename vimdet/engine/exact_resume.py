@@ -102,14 +102,22 @@ class ResumableTrainStream(torch.utils.data.IterableDataset):
         aspect_ratio_grouping: bool = True,
         max_bad_images: int = 10,
     ) -> None:
-        self.wide = np.array([r["width"] > r["height"] for r in records], dtype=bool)
+        unsized = [r.get("file_name") for r in records if "width" not in r or "height" not in r]
+        if aspect_ratio_grouping and unsized:
+            raise ValueError(
+                f"DATALOADER.ASPECT_RATIO_GROUPING needs every image's width and height; "
+                f"{len(unsized)} dataset records lack them (e.g. {unsized[:3]}). Add them to the "
+                "dataset dicts, or set DATALOADER.ASPECT_RATIO_GROUPING False"
+            )
+        self.wide = np.array(
+            [aspect_ratio_grouping and r["width"] > r["height"] for r in records], dtype=bool
+        )
         self.records = DatasetFromList(list(records), copy=False)
         self.mapper = mapper
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.aspect_ratio_grouping = aspect_ratio_grouping
         self.max_bad_images = max_bad_images
         self.start_batch = 0
         self.bad_images: List[str] = []
@@ -132,7 +140,7 @@ class ResumableTrainStream(torch.utils.data.IterableDataset):
         """The batches as (position, index) lists, from batch 0, forever; reads no image."""
         buckets: List[List[Tuple[int, int]]] = [[], []]
         for sample in self._samples():
-            bucket = buckets[0 if not self.aspect_ratio_grouping or self.wide[sample[1]] else 1]
+            bucket = buckets[0 if self.wide[sample[1]] else 1]
             bucket.append(sample)
             if len(bucket) == self.batch_size:
                 batch = bucket[:]
