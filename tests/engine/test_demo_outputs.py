@@ -26,8 +26,8 @@ def photos(tmp_path):
 
 
 def test_inputs_sharing_a_name_get_distinct_outputs(demo, photos):
-    inputs = [str(photos / "a"), str(photos / "b"), str(photos)]
-    paths = demo.list_images(inputs)
+    inputs = [str(photos / "a"), str(photos / "b"), str(photos), str(photos / "photo.png")]
+    paths = demo.list_images(inputs)  # photo.png is named twice and drawn once
     names = demo.output_names(paths)
     assert sorted(names.values()) == [
         "a__photo_jpg.png",

@@ -18,6 +18,7 @@ import argparse
 import os
 import pickle
 import re
+import struct
 import tempfile
 from typing import Any, Callable, Dict, Mapping
 
@@ -27,6 +28,7 @@ from vimdet.errors import same_type_error
 
 __all__ = [
     "ALLOWED_GLOBALS",
+    "READ_ERRORS",
     "atomic_save",
     "atomic_write_text",
     "load_checkpoint",
@@ -48,6 +50,18 @@ _PICKLE_ARRAY_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "scalar"),
 }
+#: What ``torch.load`` raises for damaged or foreign files (found by feeding it truncated
+#: checkpoints and random bytes); :func:`load_checkpoint` re-raises each with the same type.
+READ_ERRORS = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    OSError,
+    ValueError,
+    IndexError,
+    KeyError,
+    struct.error,
+)
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _TRUST_HINT = (
     "ViMDet refused to load it, because unpickling it could run code from the file. A checkpoint "
@@ -99,14 +113,14 @@ def load_checkpoint(path: str) -> Any:
 
     Raises FileNotFoundError, IsADirectoryError or EOFError (empty file) naming the file;
     ``pickle.UnpicklingError`` for a file that is not a checkpoint or that refers to a Python
-    object other than tensors (naming the object); and the type torch gave (RuntimeError,
-    EOFError, OSError) for a truncated or corrupt file.
+    object other than tensors (naming the object); and the type torch gave (one of
+    :data:`READ_ERRORS`) for a truncated or corrupt file.
     """
     _check_file(path)
     try:
         with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+    except READ_ERRORS as error:
         raise _explain_load_error(path, error) from error
 
 
@@ -125,7 +139,7 @@ def load_pickled_arrays(path: str) -> Any:
     try:
         with open(path, "rb") as f:
             return _ArrayUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+    except READ_ERRORS as error:
         raise _explain_load_error(path, error) from error
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
@@ -25,7 +24,13 @@ from torch import Tensor, nn
 
 from vimdet.errors import same_type_error
 
-from .io import atomic_save, atomic_write_text, load_checkpoint, load_pickled_arrays
+from .io import (
+    READ_ERRORS,
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    load_pickled_arrays,
+)
 
 __all__ = ["SafeCheckpointerMixin", "describe_trunk_mismatch", "released_layout_problems"]
 
@@ -33,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 _PERIODIC_NAME = re.compile(r"model_(\d+)\.pth")
 _BLOCK_KEY = re.compile(r"layers\.(\d+)\.")
-# What reading a damaged, truncated or foreign file raises (see load_checkpoint).
-_READ_ERRORS = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError)
 
 
 def _ranges(numbers: Iterable[int]) -> str:
@@ -205,7 +208,7 @@ class SafeCheckpointerMixin:
         for candidate in self._resume_candidates():
             try:
                 content = load_checkpoint(candidate)
-            except _READ_ERRORS as error:
+            except READ_ERRORS as error:
                 damaged.append((candidate, error))
                 continue
             if damaged:
