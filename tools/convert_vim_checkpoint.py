@@ -14,11 +14,10 @@ may not be the input (in any spelling: symlink, hard link), and it is written at
 
 import argparse
 import os
-import pickle
 import sys
 
 from vimdet.checkpoint import TRUNK_PREFIX, convert_vim_state_dict, load_checkpoint_file
-from vimdet.checkpoint.io import atomic_save
+from vimdet.checkpoint.io import READ_ERRORS, atomic_save
 from vimdet.modeling import VIM_SIZES
 
 
@@ -52,7 +51,7 @@ def main(argv=None) -> int:
     try:
         state = load_checkpoint_file(args.input)
         trunk, report = convert_vim_state_dict(state, expected_dim=expected_dim)
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+    except READ_ERRORS as error:
         print(f"convert_vim_checkpoint: {error}", file=sys.stderr)
         return 1
     width = trunk["patch_embed.proj.weight"].shape[0]

@@ -125,13 +125,13 @@ def main(argv=None) -> int:
     logger = logging.getLogger("vimdet")
 
     cfg = build_cfg(args.config_file, args.opts)
+    check_output_folder(args.output, args.input)
+    targets = plan_outputs(list_images(args.input), args.output)
     if not cfg.MODEL.WEIGHTS:
         raise ValueError(
             "MODEL.WEIGHTS is empty: the demo would draw an untrained model's detections. Add "
             "MODEL.WEIGHTS path/to/model_final.pth"
         )
-    check_output_folder(args.output, args.input)
-    targets = plan_outputs(list_images(args.input), args.output)
     model = build_model(cfg)
     VimDetCheckpointer(model, allow_partial_trunk=cfg.MODEL.VIM.ALLOW_PARTIAL_WEIGHTS).load(
         cfg.MODEL.WEIGHTS

@@ -67,6 +67,14 @@ def test_malformed_annotations_are_listed_by_id(tmp_path, kwargs, message):
     assert message in str(caught.value) and str(path) in str(caught.value)
 
 
+def test_truncated_json_names_the_file(tmp_path):
+    path = tmp_path / "instances.json"
+    path.write_text('{"images": [')
+    with pytest.raises(ValueError, match="instances.json is not complete JSON") as caught:
+        check_coco_json(str(path))
+    assert isinstance(caught.value.__cause__, json.JSONDecodeError)
+
+
 def test_zero_size_boxes_are_reported(tmp_path, caplog):
     path = coco(tmp_path, annotations=box([1, 2, 0, 4]))
     with caplog.at_level(logging.WARNING, logger="vimdet"):

@@ -51,7 +51,14 @@ def test_output_that_would_replace_an_input_file_is_refused(demo, photos):
 
 
 def test_no_weights_is_an_error(demo, photos):
-    argv = ["--config-file", str(CONFIG), "--input", str(photos), "--output", str(photos / "o")]
+    argv = [
+        "--config-file",
+        str(CONFIG),
+        "--input",
+        str(photos / "a"),
+        "--output",
+        str(photos / "o"),
+    ]
     with pytest.raises(
         ValueError, match="MODEL.WEIGHTS is empty: the demo would draw an untrained"
     ):

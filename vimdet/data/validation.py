@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Sequence
 from detectron2.structures import BoxMode
 from PIL import Image, UnidentifiedImageError
 
+from vimdet.errors import same_type_error
+
 __all__ = [
     "DECODED_MODES",
     "annotation_files",
@@ -171,8 +173,13 @@ def check_coco_json(path: str, num_classes: int | None = None, dataset_name: str
     ``num_classes`` is ``MODEL.ROI_HEADS.NUM_CLASSES``: a different category count is an error.
     """
     where = f"annotation file {path}" + (f" (dataset {dataset_name})" if dataset_name else "")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise same_type_error(
+            error, f"{where} is not complete JSON ({error}); download or generate it again"
+        ) from error
     problems, image_ids, category_ids = _check_entries(data)
     zero_size: List[str] = []
     annotation_ids: set = set()
