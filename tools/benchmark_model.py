@@ -17,7 +17,7 @@ import torch
 from detectron2.modeling import build_model
 
 import vimdet  # noqa: F401
-from vimdet.engine import build_cfg
+from vimdet.config import build_cfg
 
 CONFIGS = {
     "tiny": "cascade_vim_t.yaml",

@@ -2,7 +2,13 @@
 """Benchmark the selective-scan backends: forward and forward+backward time, peak memory.
 
     python tools/benchmark_scan.py --device cuda                 # Vim-T/S/B shapes, every backend
+    python tools/benchmark_scan.py --device cuda --bidirectional # Vim's two directions, as a mixer
     python tools/benchmark_scan.py --device cpu --channels 384 --lengths 4096 --batches 1
+
+``--bidirectional`` times :func:`vimdet.ops.bidirectional_selective_scan` on the token-major,
+direction-stacked tensors the Vim mixer produces: ``triton`` does both directions in one launch per
+phase and reads them in place; ``cuda`` is what the model needs from mamba-ssm for the same work,
+two ``selective_scan_fn`` calls plus the flips and transposes they require.
 
 Shapes are one scan direction of a Vim mixer: channels = the inner width (384/768/1536 for
 Vim-T/S/B), state 16, lengths 4096 (1024^2 input), 4200 and 7056 (800x1333-ish grids). The
@@ -19,7 +25,12 @@ import time
 
 import torch
 
-from vimdet.ops import cuda_kernel_available, selective_scan
+from vimdet.ops import (
+    bidirectional_selective_scan,
+    cuda_kernel_available,
+    selective_scan,
+    triton_available,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -46,20 +57,55 @@ def make_inputs(batch, channels, length, dtype, device, state=16):
     return inputs
 
 
+def make_bidirectional_inputs(batch, channels, length, dtype, device, state=16):
+    """The mixer's tensors: u, delta (2, B, L, E); A (2, E, N); B, C (2, B, L, N) as slices of
+    one projection; D, delta_bias (2, E); z (B, L, E) as half of in_proj's output."""
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
+
+    rank = channels // 32
+    projected = randn(2, batch, length, rank + 2 * state).requires_grad_()
+    xz = randn(batch, length, 2 * channels).requires_grad_()
+    inputs = dict(
+        u=randn(2, batch, length, channels),
+        delta=randn(2, batch, length, channels, scale=0.5),
+        A=-torch.arange(1, state + 1, device=device, dtype=torch.float32).repeat(2, channels, 1),
+        D=torch.ones(2, channels, device=device),
+        delta_bias=torch.full((2, channels), -3.0, device=device),
+    )
+    for value in inputs.values():
+        value.requires_grad_()
+    inputs["B"], inputs["C"] = projected[..., rank : rank + state], projected[..., rank + state :]
+    inputs["z"] = xz[..., channels:]
+    return inputs
+
+
 def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def time_case(backend, inputs, device, repeats):
+def time_case(backend, inputs, device, repeats, bidirectional=False):
     """Median seconds of forward and of forward+backward."""
+    scan = bidirectional_selective_scan if bidirectional else selective_scan
+    leaves = [value for value in inputs.values() if value.requires_grad]
 
     def forward():
-        return selective_scan(**inputs, delta_softplus=True, backend=backend)
+        return scan(**inputs, delta_softplus=True, backend=backend)
 
     def forward_backward():
-        forward().float().sum().backward()
+        out = forward()
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
 
+    if device == "cuda":  # CUDA events around many repeats, L2 flushed between them
+        import triton
+
+        return [
+            triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median") / 1e3
+            for step in (forward, forward_backward)
+        ]
     results = []
     for step in (forward, forward_backward):
         step()  # warm-up (kernel selection, allocator)
@@ -76,19 +122,25 @@ def time_case(backend, inputs, device, repeats):
 
 def run_case(args):
     """(forward s, forward+backward s, peak MiB) of one backend at one shape."""
-    backend, batch, channels, length, dtype, device, repeats = args
+    backend, batch, channels, length, dtype, device, repeats, bidirectional = args
     if backend == "reference":  # seconds per call: a few repeats tell enough
         repeats = min(repeats, 3)
-    inputs = make_inputs(batch, channels, length, DTYPES[dtype], device)
+    make = make_bidirectional_inputs if bidirectional else make_inputs
+    inputs = make(batch, channels, length, DTYPES[dtype], device)
     if device == "cuda":
+        forward, both = time_case(backend, inputs, device, repeats, bidirectional)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        forward, both = time_case(backend, inputs, device, repeats)
+        out = (bidirectional_selective_scan if bidirectional else selective_scan)(
+            **inputs, delta_softplus=True, backend=backend
+        )
+        out.float().sum().backward()
+        torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        forward, both = time_case(backend, inputs, device, repeats)
+        forward, both = time_case(backend, inputs, device, repeats, bidirectional)
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
     return forward, both, peak
 
@@ -104,7 +156,13 @@ def main():
         "--backends",
         nargs="+",
         default=None,
-        help="default: cuda (if available), chunked, reference",
+        help="default: triton and cuda (where available), chunked, reference; with "
+        "--bidirectional: triton and cuda",
+    )
+    parser.add_argument(
+        "--bidirectional",
+        action="store_true",
+        help="time both directions as the Vim mixer runs them (token-major, stacked)",
     )
     parser.add_argument(
         "--reference-shape",
@@ -124,12 +182,17 @@ def main():
 
     device = args.device
     repeats = args.repeats or (20 if device == "cuda" else 10)
+    on_gpu = device == "cuda"
+    gpu_backends = ["triton"] * (on_gpu and triton_available()) + ["cuda"] * (
+        on_gpu and cuda_kernel_available()
+    )
     backends = args.backends or (
-        ["cuda"] if device == "cuda" and cuda_kernel_available() else []
-    ) + ["chunked", "reference"]
+        gpu_backends if args.bidirectional else gpu_backends + ["chunked", "reference"]
+    )
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    what = "both directions (token-major, as the mixer)" if args.bidirectional else "one direction"
     print(
-        f"# selective scan, {device} ({name}"
+        f"# selective scan, {what}, {device} ({name}"
         f", {torch.get_num_threads()} threads), {args.dtype} inputs, state 16, torch "
         f"{torch.__version__}, median of {repeats} (of 3 for the reference)"
     )
@@ -146,7 +209,16 @@ def main():
                 for backend in backends:
                     if backend == "reference" and [channels, length, batch] != args.reference_shape:
                         continue
-                    case = (backend, batch, channels, length, args.dtype, device, repeats)
+                    case = (
+                        backend,
+                        batch,
+                        channels,
+                        length,
+                        args.dtype,
+                        device,
+                        repeats,
+                        args.bidirectional,
+                    )
                     if device == "cuda":
                         rows[backend] = run_case(case)
                         torch.cuda.empty_cache()

@@ -16,9 +16,9 @@ import argparse
 import os
 import sys
 
-from vimdet.checkpoint import TRUNK_PREFIX, convert_vim_state_dict, load_checkpoint_file
+from vimdet.checkpoint import load_checkpoint_file
 from vimdet.checkpoint.io import READ_ERRORS, atomic_save
-from vimdet.modeling import VIM_SIZES
+from vimdet.modeling import TRUNK_PREFIX, VIM_SIZES, convert_vim_state_dict
 
 
 def same_file(first: str, second: str) -> bool:

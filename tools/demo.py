@@ -30,8 +30,9 @@ from PIL import Image
 
 import vimdet  # noqa: F401  (registers the backbone and the built-in datasets)
 from vimdet.checkpoint import VimDetCheckpointer
+from vimdet.config import build_cfg
 from vimdet.data.validation import image_mode_problem
-from vimdet.engine import build_cfg, draw_predictions, predict_image, to_rgb
+from vimdet.engine import draw_predictions, predict_image, to_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 

@@ -5,7 +5,9 @@ detectron2's authors do not publish it on PyPI. A user who built it from the off
 that build: this script then does nothing. Otherwise it fetches the registry's ``sal-detectron2``
 wheel (detectron2's main branch repackaged, tagged for CPython 3.10) and installs its pure-Python
 part into this environment's site-packages. Its compiled ``detectron2/_C`` is for CPython 3.10 and
-is left out: ROIAlign and NMS come from torchvision and COCO evaluation from pycocotools.
+is left out: ROIAlign and NMS come from torchvision and COCO evaluation from pycocotools. The
+installed ``.dist-info`` RECORD lists exactly the files written, so pip can list, check and
+uninstall the installation (``pip uninstall sal-detectron2``).
 
 Usage (the Makefile runs it inside .venv)::
 
@@ -13,7 +15,11 @@ Usage (the Makefile runs it inside .venv)::
 """
 
 import argparse
+import base64
+import csv
+import hashlib
 import importlib.util
+import io
 import subprocess
 import sys
 import sysconfig
@@ -61,16 +67,39 @@ def download_wheel(dest: Path) -> Path:
     return wheels[-1]
 
 
-def extract_pure_python(wheel: Path, site_packages: Path) -> int:
-    """Unpack every file of the wheel except compiled extensions; return how many were written."""
-    written = 0
+def _record_hash(data: bytes) -> str:
+    """A RECORD hash field (PEP 376/427): sha256, urlsafe base64 without padding."""
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+    return "sha256=" + digest.decode("ascii")
+
+
+def install_pure_python(wheel: Path, site_packages: Path) -> int:
+    """Unpack every file of the wheel except compiled extensions; return how many were written.
+
+    The ``.dist-info`` RECORD is rewritten to list exactly the files written (plus INSTALLER and
+    itself), so ``pip check``, ``pip show -f`` and ``pip uninstall`` see this installation as it is.
+    """
     with zipfile.ZipFile(wheel) as archive:
-        for member in archive.infolist():
-            if member.filename.endswith(".so") or member.is_dir():
-                continue
-            archive.extract(member, site_packages)
-            written += 1
-    return written
+        members = [
+            member
+            for member in archive.infolist()
+            if not member.is_dir() and not member.filename.endswith(".so")
+        ]
+        record = next(m.filename for m in members if m.filename.endswith(".dist-info/RECORD"))
+        with archive.open(record) as stream:
+            rows = list(csv.reader(io.TextIOWrapper(stream, encoding="utf-8")))
+        for member in members:
+            if member.filename != record:
+                archive.extract(member, site_packages)
+    written = {member.filename for member in members} - {record}
+    installer = record.rsplit("/", 1)[0] + "/INSTALLER"
+    installer_text = b"vimdet-install_detectron2\n"
+    (site_packages / installer).write_bytes(installer_text)
+    kept = [row for row in rows if row and row[0] in written]
+    kept += [[installer, _record_hash(installer_text), str(len(installer_text))], [record, "", ""]]
+    with open(site_packages / record, "w", newline="", encoding="utf-8") as stream:
+        csv.writer(stream, lineterminator="\n").writerows(kept)
+    return len(written)
 
 
 def main() -> None:
@@ -89,7 +118,7 @@ def main() -> None:
         cache = args.cache or Path(tmp)
         cache.mkdir(parents=True, exist_ok=True)
         wheel = download_wheel(cache)
-        count = extract_pure_python(wheel, site_packages)
+        count = install_pure_python(wheel, site_packages)
     print(f"install_detectron2: installed {count} files of {wheel.name} into {site_packages}")
 
     check = subprocess.run(

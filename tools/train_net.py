@@ -19,7 +19,8 @@ from detectron2.utils.logger import setup_logger
 
 import vimdet  # noqa: F401  (registers the backbone and the built-in datasets)
 from vimdet.checkpoint import VimDetCheckpointer
-from vimdet.engine import VimDetTrainer, build_cfg, write_prediction_pngs
+from vimdet.config import build_cfg
+from vimdet.engine import VimDetTrainer, write_prediction_pngs
 
 logger = logging.getLogger("vimdet")
 

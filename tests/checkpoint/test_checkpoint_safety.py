@@ -50,18 +50,26 @@ def converter(*args):
     return subprocess.run(command, capture_output=True, text=True)
 
 
+REFUSED = "contains the Python object io.open, which a weights file does not need"
+
+
 def test_planted_file_is_refused_by_every_entry_point(planted, tmp_path):
     path, marker = planted
     model = build_model(detector_cfg())
-    refused = "contains the Python object io.open, which a weights file does not need"
-    with pytest.raises(pickle.UnpicklingError, match=refused):  # MODEL.WEIGHTS
+    with pytest.raises(pickle.UnpicklingError, match=REFUSED):  # MODEL.WEIGHTS
         VimDetCheckpointer(model).load(str(path))
     with pytest.raises(pickle.UnpicklingError, match="io.open"):  # Detectron2 reads .pkl raw
         VimDetCheckpointer(model).load(str(tmp_path / "planted.pkl"))
-    with pytest.raises(pickle.UnpicklingError, match=refused):  # the library function
+    with pytest.raises(pickle.UnpicklingError, match=REFUSED):  # what the converter reads with
         load_checkpoint_file(str(path))
+    assert not marker.exists()
+
+
+@pytest.mark.slow  # runs the converter in a subprocess
+def test_planted_file_is_refused_by_the_converter(planted, tmp_path):
+    path, marker = planted
     result = converter("--input", path, "--output", tmp_path / "out.pth")
-    assert result.returncode == 1 and refused in result.stderr and str(path) in result.stderr
+    assert result.returncode == 1 and REFUSED in result.stderr and str(path) in result.stderr
     assert not marker.exists() and not (tmp_path / "out.pth").exists()
 
 
@@ -150,6 +158,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000001.pth"]
 
 
+@pytest.mark.slow  # runs the converter in a subprocess, three times
 def test_converter_refuses_to_overwrite_its_input(tmp_path):
     state, _ = released_state_dict()
     source = tmp_path / "vim_t.pth"

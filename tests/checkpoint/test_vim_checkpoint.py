@@ -12,8 +12,8 @@ from detectron2.modeling import build_model
 
 import vimdet  # noqa: F401
 from vimdet import add_vimdet_config
-from vimdet.checkpoint import TRUNK_PREFIX, VimDetCheckpointer, load_vim_trunk
-from vimdet.modeling import VisionMamba
+from vimdet.checkpoint import VimDetCheckpointer, load_checkpoint_file
+from vimdet.modeling import TRUNK_PREFIX, VisionMamba
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,7 +41,7 @@ def detector_cfg(dim=DIM, depth=DEPTH):
     add_vimdet_config(cfg)
     cfg.merge_from_file(str(REPO / "configs" / "Base-Cascade-ViMDet.yaml"))
     cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.VIM.SIZE = ""
+    cfg.MODEL.VIM.SIZE = "custom"
     cfg.MODEL.VIM.EMBED_DIM = dim
     cfg.MODEL.VIM.DEPTH = depth
     cfg.MODEL.VIM_FPN.IN_BLOCKS = [1, 1, 2, 2]
@@ -103,26 +103,28 @@ def test_convert_and_load_matches_every_trunk_tensor(tmp_path):
     assert all(key.startswith(TRUNK_PREFIX) for key in saved)
 
 
-def test_pretrained_key_loads_a_released_file_directly(tmp_path):
+def test_pretrained_key_is_an_error_naming_model_weights(tmp_path):
+    # Weights have one way in, the checkpointer; the builder refuses the old key.
+    cfg = detector_cfg()
+    cfg.MODEL.VIM.PRETRAINED = str(tmp_path / "vim_released.pth")
+    with pytest.raises(ValueError, match=r"MODEL.WEIGHTS .*vim_released.pth"):
+        build_model(cfg)
+
+
+def test_position_grid_of_another_size_is_resized(tmp_path):
     state, grid = released_state_dict()
     path = tmp_path / "vim_released.pth"
     torch.save({"model": state}, path)
     cfg = detector_cfg()
-    cfg.MODEL.VIM.PRETRAINED = str(path)
+    cfg.MODEL.VIM.PRETRAIN_IMG_SIZE = 320
     model = build_model(cfg)
-    torch.testing.assert_close(model.backbone.net.pos_embed.data, grid)
-    torch.testing.assert_close(
-        model.backbone.net.layers[1].mixer.A_b_log.data, state["layers.1.mixer.A_b_log"]
+    VimDetCheckpointer(model).load(str(path))
+    pos_embed = model.backbone.net.pos_embed.data
+    assert pos_embed.shape == (1, 20 * 20, DIM)
+    expected = torch.nn.functional.interpolate(
+        grid.reshape(1, 14, 14, DIM).permute(0, 3, 1, 2), size=(20, 20), mode="bicubic"
     )
-
-
-def test_position_grid_of_another_size_is_resized(tmp_path):
-    state, _ = released_state_dict()
-    net = VisionMamba(embed_dim=DIM, depth=DEPTH, out_blocks=(DEPTH,), pretrain_img_size=320)
-    path = tmp_path / "vim_released.pth"
-    torch.save({"model": state}, path)
-    load_vim_trunk(net, str(path))
-    assert net.pos_embed.shape == (1, 20 * 20, DIM)
+    torch.testing.assert_close(pos_embed, expected.permute(0, 2, 3, 1).reshape(1, 400, DIM))
 
 
 def test_wrong_width_is_refused_by_the_converter(tmp_path):
@@ -149,13 +151,12 @@ def test_not_a_vim_checkpoint(tmp_path):
 
 
 def test_missing_and_corrupt_files(tmp_path):
-    net = VisionMamba(embed_dim=8, depth=1, out_blocks=(1,))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_vim_trunk(net, str(tmp_path / "nowhere.pth"))
+        load_checkpoint_file(str(tmp_path / "nowhere.pth"))
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a torch file at all")
     with pytest.raises(pickle.UnpicklingError, match="is not a PyTorch checkpoint"):
-        load_vim_trunk(net, str(broken))
+        load_checkpoint_file(str(broken))
 
 
 def test_released_file_as_model_weights_is_converted_on_the_fly(tmp_path):

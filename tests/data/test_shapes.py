@@ -1,4 +1,5 @@
-"""Tests for the synthetic COCO-format shapes dataset (vimdet.data.shapes)."""
+"""Tests for the synthetic COCO-format shapes dataset (vimdet.data.shapes: spec, draw, write,
+register)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from vimdet.data import (
     register_builtin_shapes,
     register_shapes_dataset,
 )
-from vimdet.data import shapes as shapes_mod
+from vimdet.data.shapes import register as shapes_register
 
 SMALL = {"num_images": 6, "min_side": 64, "max_side": 128}
 
@@ -160,13 +161,13 @@ def test_interrupted_generation_leaves_no_json(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated interruption")
         return real_imencode(*args, **kwargs)
 
-    monkeypatch.setattr(shapes_mod.cv2, "imencode", flaky_imencode)
+    monkeypatch.setattr(cv2, "imencode", flaky_imencode)
     with pytest.raises(KeyboardInterrupt):
         _gen(tmp_path, seed=5)
     # The stale json (seed 0) must not survive next to half-rewritten images.
     assert not json_path.exists()
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
-    monkeypatch.setattr(shapes_mod.cv2, "imencode", real_imencode)
+    monkeypatch.setattr(cv2, "imencode", real_imencode)
     assert json.loads(_gen(tmp_path, seed=5).read_text())["info"]["seed"] == 5
 
 
@@ -201,7 +202,7 @@ def temp_name():
         DatasetCatalog.remove(name)
     if name in MetadataCatalog.list():
         MetadataCatalog.remove(name)
-    shapes_mod._REGISTERED.pop(name, None)
+    shapes_register._REGISTERED.pop(name, None)
 
 
 def test_register_generates_on_first_use(tmp_path, temp_name):

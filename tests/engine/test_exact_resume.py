@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here trains in a subprocess
 RUNNER = Path(__file__).with_name("resume_run.py")
 SETTINGS = ["SEED", "7", "SOLVER.MAX_ITER", "5", "DATASETS.TEST", "()"]
 

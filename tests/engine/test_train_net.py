@@ -12,6 +12,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "quick_schedules" / "cascade_vim_micro_instant_test.yaml"
+pytestmark = pytest.mark.slow  # every test here runs a tool in a subprocess
 TRAIN_NET = REPO / "tools" / "train_net.py"
 
 
@@ -145,10 +146,3 @@ def test_bad_input_is_reported(tmp_path, args, message):
     result = train_net(tmp_path / "output", tmp_path / "datasets", *args, check=False)
     assert result.returncode != 0
     assert message in result.stderr
-
-
-def test_missing_config_file(tmp_path):
-    from vimdet.engine import build_cfg
-
-    with pytest.raises(FileNotFoundError, match="configs/cascade_vim_t.yaml"):
-        build_cfg(str(tmp_path / "nope.yaml"))

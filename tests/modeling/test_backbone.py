@@ -14,7 +14,7 @@ def tiny_cfg(**overrides):
     cfg = get_cfg()
     add_vimdet_config(cfg)
     cfg.MODEL.BACKBONE.NAME = "build_vim_fpn_backbone"
-    cfg.MODEL.VIM.SIZE = ""
+    cfg.MODEL.VIM.SIZE = "custom"
     cfg.MODEL.VIM.EMBED_DIM = 32
     cfg.MODEL.VIM.DEPTH = 4
     cfg.MODEL.VIM_FPN.IN_BLOCKS = [1, 2, 3, 4]
@@ -111,6 +111,8 @@ def test_named_sizes():
     "overrides, message",
     [
         ({"MODEL.VIM.SIZE": "huge"}, "MODEL.VIM.SIZE 'huge' is unknown"),
+        ({"MODEL.VIM.SIZE": "tiny"}, r"MODEL.VIM.SIZE 'tiny' fixes the width.*'custom'"),
+        ({"MODEL.VIM.DEPTH": "0"}, "'custom' needs MODEL.VIM.EMBED_DIM and MODEL.VIM.DEPTH > 0"),
         ({"MODEL.VIM_FPN.STRIDES": "[4, 8, 16]"}, "give one stride per block"),
         ({"MODEL.VIM_FPN.STRIDES": "[2, 8, 16, 32]"}, "stride 2 is not supported"),
         ({"MODEL.VIM_FPN.IN_BLOCKS": "[1, 2, 3, 9]"}, r"1-based block numbers in \[1, depth=4\]"),

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vimdet.modeling import BiMambaMixer, VimBlock, VisionMamba, resize_pos_embed
+from vimdet.ops import scan_triton, selective_scan_reference, triton_available
 
 
 def released_trunk_shapes(dim: int, depth: int, state: int = 16) -> dict:
@@ -49,6 +50,11 @@ def test_mamba_initialisation():
     assert torch.all(mixer.D.data == 1) and torch.all(mixer.D_b.data == 1)
     dt = torch.nn.functional.softplus(mixer.dt_proj.bias.data)
     assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
+    for linear in (mixer.in_proj, mixer.out_proj, mixer.x_proj, mixer.x_proj_b):
+        assert linear.weight.std() < 0.03  # Vim's trunc-normal init, std 0.02
+    assert mixer.dt_proj.weight.abs().max() > 0.2  # Mamba's U(+-rank^-0.5), rank 2
+    flagged = {name for name, p in mixer.named_parameters() if getattr(p, "_no_weight_decay", 0)}
+    assert flagged == {"A_log", "A_b_log", "D", "D_b"}
 
 
 def influence(mixer, source: int, target: int) -> float:
@@ -62,6 +68,9 @@ def influence(mixer, source: int, target: int) -> float:
 def test_mixer_looks_both_ways():
     torch.manual_seed(0)
     mixer = BiMambaMixer(8, d_state=4)
+    with torch.no_grad():  # weights of a trained model's size (the init's std 0.02 barely mixes)
+        for linear in (mixer.in_proj, mixer.x_proj, mixer.x_proj_b, mixer.out_proj):
+            torch.nn.init.normal_(linear.weight, std=0.3)
     assert influence(mixer, source=11, target=0) > 1e-6  # the last token reaches the first
     assert influence(mixer, source=0, target=11) > 1e-6  # and the first reaches the last
     # Without the backward direction's state (B = C = 0) nothing flows from the future.
@@ -71,13 +80,48 @@ def test_mixer_looks_both_ways():
     assert influence(mixer, source=0, target=11) > 1e-6
 
 
-def test_mixer_scan_backends_agree():
+def released_mixer(mixer, hidden):
+    """Vim's released computation, written out independently of the mixer's code: the backward
+    branch runs the same layers on the flipped sequence and its output is flipped back."""
+    x, z = mixer.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+    outputs = []
+    for suffix, flip in (("", False), ("_b", True)):
+        conv = getattr(mixer, "conv1d" + suffix)
+        x_proj, dt_proj = getattr(mixer, "x_proj" + suffix), getattr(mixer, "dt_proj" + suffix)
+        a_log = getattr(mixer, "A_log" if not suffix else "A_b_log")
+        xs, zs = (x.flip(-1), z.flip(-1)) if flip else (x, z)
+        u = torch.nn.functional.silu(conv(xs)[..., : xs.shape[-1]])
+        sizes = [mixer.dt_rank, mixer.d_state, mixer.d_state]
+        dt, b, c = x_proj(u.transpose(1, 2)).split(sizes, -1)
+        y = selective_scan_reference(
+            u,
+            (dt @ dt_proj.weight.t()).transpose(1, 2),
+            -torch.exp(a_log),
+            b.transpose(1, 2),
+            c.transpose(1, 2),
+            getattr(mixer, "D" + suffix),
+            zs,
+            dt_proj.bias,
+            True,
+        )
+        outputs.append(y.flip(-1) if flip else y)
+    return mixer.out_proj(((outputs[0] + outputs[1]) / 2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference", "triton"])
+def test_mixer_computes_released_vim(backend):
+    # Every backend through the mixer's flip-free computation equals the released definition.
+    if backend == "triton" and not (triton_available() and scan_triton.interpreting()):
+        pytest.skip("the triton backend runs on a GPU (tests/gpu) or under TRITON_INTERPRET=1")
     torch.manual_seed(0)
-    chunked = BiMambaMixer(16, d_state=8, scan_backend="chunked")
-    reference = BiMambaMixer(16, d_state=8, scan_backend="reference")
-    reference.load_state_dict(chunked.state_dict())
-    x = torch.randn(2, 30, 16)
-    torch.testing.assert_close(chunked(x), reference(x), rtol=1e-4, atol=1e-5)
+    mixer = BiMambaMixer(8, d_state=4, scan_backend=backend)
+    with torch.no_grad():
+        for linear in (mixer.in_proj, mixer.x_proj, mixer.x_proj_b, mixer.out_proj):
+            torch.nn.init.normal_(linear.weight, std=0.3)
+        for conv in (mixer.conv1d, mixer.conv1d_b):
+            torch.nn.init.normal_(conv.weight, std=0.5)  # asymmetric taps: a flip would show
+    x = torch.randn(2, 13, 8)
+    torch.testing.assert_close(mixer(x), released_mixer(mixer, x), rtol=1e-4, atol=1e-5)
 
 
 def test_block_stream_semantics():

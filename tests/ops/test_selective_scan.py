@@ -193,7 +193,7 @@ def test_chunked_stays_fp32_under_autocast():
 def test_chunked_channel_groups_match_reference(monkeypatch):
     # On the CPU the chunked scan runs channel groups of a bounded size; force several groups
     # (here 2 channels each, the last one smaller) and check output and gradients.
-    module = importlib.import_module("vimdet.ops.selective_scan")
+    module = importlib.import_module("vimdet.ops.scan_chunked")
     monkeypatch.setattr(module, "_CPU_GROUP_ELEMENTS", 2 * 2 * 30 * 4)
     inputs, softplus = make_inputs(2, 5, 30, 4, torch.float32, **FLAGS["mamba"])
     expected, expected_grads = run_with_grads(selective_scan_reference, inputs, softplus)

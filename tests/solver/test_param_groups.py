@@ -6,8 +6,8 @@ from detectron2.config import get_cfg
 
 import vimdet  # noqa: F401
 from vimdet import add_vimdet_config
-from vimdet.modeling import VimFeaturePyramid, VisionMamba
-from vimdet.solver import build_vimdet_optimizer, vim_layer_id, vim_param_groups
+from vimdet.modeling import VimFeaturePyramid, VisionMamba, vim_layer_id
+from vimdet.solver import build_vimdet_optimizer, vim_param_groups
 
 
 class TinyDetector(torch.nn.Module):
@@ -16,6 +16,7 @@ class TinyDetector(torch.nn.Module):
         net = VisionMamba(embed_dim=16, depth=depth, out_blocks=(depth,))
         self.backbone = VimFeaturePyramid(net, in_blocks=(depth,), strides=(16,), out_channels=8)
         self.head = torch.nn.Linear(8, 2)
+        self.head_norm = torch.nn.GroupNorm(2, 8)
 
 
 def test_layer_ids():
@@ -47,6 +48,9 @@ def test_groups_scale_and_decay():
     for no_decay in ("A_log", "A_b_log", "D", "D_b", "conv1d.bias", "dt_proj.bias"):
         assert lr_and_decay(f"backbone.net.layers.1.mixer.{no_decay}") == (0.5**2, 0.0)
     assert lr_and_decay("backbone.net.layers.1.norm.weight")[1] == 0.0
+    assert lr_and_decay("backbone.stages.0.0.norm.weight") == (1.0, 0.0)  # the pyramid's LN
+    assert lr_and_decay("backbone.stages.0.0.weight") == (1.0, 0.1)
+    assert lr_and_decay("head_norm.weight") == (1.0, 0.0)
     assert lr_and_decay("head.weight") == (1.0, 0.1)
     assert lr_and_decay("head.bias") == (1.0, 0.0)
 

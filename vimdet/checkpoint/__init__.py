@@ -1,17 +1,5 @@
-"""Checkpoints: released Vim weights -> ViMDet, and a checkpointer strict about trunk shapes."""
+"""Checkpoints: reading checkpoint files, and a checkpointer strict about trunk shapes."""
 
-from .vim_checkpoint import (
-    TRUNK_PREFIX,
-    VimDetCheckpointer,
-    convert_vim_state_dict,
-    load_checkpoint_file,
-    load_vim_trunk,
-)
+from .vim_checkpoint import VimDetCheckpointer, load_checkpoint_file
 
-__all__ = [
-    "TRUNK_PREFIX",
-    "VimDetCheckpointer",
-    "convert_vim_state_dict",
-    "load_checkpoint_file",
-    "load_vim_trunk",
-]
+__all__ = ["VimDetCheckpointer", "load_checkpoint_file"]

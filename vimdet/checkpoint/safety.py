@@ -32,7 +32,7 @@ from .io import (
     load_pickled_arrays,
 )
 
-__all__ = ["SafeCheckpointerMixin", "describe_trunk_mismatch", "released_layout_problems"]
+__all__ = ["SafeCheckpointerMixin", "describe_trunk_mismatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,19 +75,6 @@ def describe_trunk_mismatch(checkpoint_keys: Iterable[str], model_keys: Iterable
             f"({len(checkpoint_keys & model_keys)} of {len(model_keys)} trunk tensors match)"
         )
     return "; ".join(lines)
-
-
-def released_layout_problems(state_dict: Mapping[str, Any]) -> List[str]:
-    """What is wrong with the shapes of a Vim state dict's patch embedding and position grid."""
-    weight, grid = state_dict["patch_embed.proj.weight"], state_dict["pos_embed"]
-    problems = []
-    if weight.dim() != 4 or weight.shape[0] == 0 or weight.shape[1] != 3:
-        problems.append(f"patch_embed.proj.weight is {tuple(weight.shape)}, not (width, 3, P, P)")
-    elif grid.dim() != 3 or grid.shape[0] != 1 or grid.shape[1] == 0:
-        problems.append(f"pos_embed is {tuple(grid.shape)}, not (1, tokens, width)")
-    elif grid.shape[2] != weight.shape[0]:
-        problems.append(f"pos_embed is {grid.shape[2]} wide but patch_embed {weight.shape[0]} wide")
-    return problems
 
 
 def _check_weights(weights: Any, path: str) -> None:

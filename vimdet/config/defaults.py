@@ -8,11 +8,13 @@ __all__ = ["add_vimdet_config"]
 def add_vimdet_config(cfg: CN) -> None:
     """Add ViMDet's keys (``MODEL.VIM``, ``MODEL.VIM_FPN``, solver extras) to ``cfg`` in place."""
     cfg.MODEL.VIM = CN()
-    # Model size by name: "tiny" (192 wide), "small" (384) or "base" (768), all 24 blocks deep.
+    # Width and depth have one source. SIZE names a published Vim ("tiny" 192 wide, "small" 384,
+    # "base" 768, all 24 blocks deep) and EMBED_DIM/DEPTH then stay 0; or SIZE is "custom" and
+    # EMBED_DIM and DEPTH (both > 0) give them. Anything else is an error naming the conflict.
     cfg.MODEL.VIM.SIZE = "tiny"
-    # Embedding width; 0 takes it from SIZE. Set with DEPTH for custom (e.g. test-sized) models.
+    # Embedding width, with SIZE "custom" only (e.g. test-sized models); 0 otherwise.
     cfg.MODEL.VIM.EMBED_DIM = 0
-    # Number of Vim blocks; 0 takes it from SIZE.
+    # Number of Vim blocks, with SIZE "custom" only; 0 otherwise.
     cfg.MODEL.VIM.DEPTH = 0
     # Patch size and stride of the patch embedding, in pixels.
     cfg.MODEL.VIM.PATCH_SIZE = 16
@@ -34,15 +36,17 @@ def add_vimdet_config(cfg: CN) -> None:
     cfg.MODEL.VIM.SCAN_BACKEND = "auto"
     # Recompute each block in the backward pass (activation checkpointing) to save memory.
     cfg.MODEL.VIM.USE_CHECKPOINT = False
-    # A released Vim classification checkpoint (.pth) or a converted one to load into the trunk
-    # when the model is built; "" loads nothing (MODEL.WEIGHTS still applies afterwards).
+    # Retired: must stay "". Models no longer load weights when built; give a released Vim file
+    # (or a converted one) as MODEL.WEIGHTS, which the checkpointer converts. Kept so that old
+    # configs fail with that advice instead of an unknown-key error.
     cfg.MODEL.VIM.PRETRAINED = ""
     # Accept MODEL.WEIGHTS that cover the trunk only in part (missing or extra Vim blocks, no
     # trunk at all); False makes such a checkpoint an error that lists what is missing or extra.
     cfg.MODEL.VIM.ALLOW_PARTIAL_WEIGHTS = False
 
     cfg.MODEL.VIM_FPN = CN()
-    # 1-based Vim blocks whose output stream feeds the pyramid, one per level.
+    # 1-based Vim blocks whose output stream feeds the pyramid, one per level. The only source
+    # of the taps: the backbone builder makes the trunk return exactly these blocks.
     cfg.MODEL.VIM_FPN.IN_BLOCKS = [6, 12, 18, 24]
     # Output stride of the level fed by each of IN_BLOCKS (powers of 2; the trunk is stride 16).
     cfg.MODEL.VIM_FPN.STRIDES = [4, 8, 16, 32]

@@ -3,23 +3,17 @@ checked training data and exact resume."""
 
 from __future__ import annotations
 
-import logging
 import os
 import weakref
+from contextlib import contextmanager
+from functools import partial
+from typing import Iterator
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader
-from detectron2.engine import (
-    AMPTrainer,
-    DefaultTrainer,
-    SimpleTrainer,
-    TrainerBase,
-    create_ddp_model,
-)
+from detectron2.engine import AMPTrainer, DefaultTrainer, defaults
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
-from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 from vimdet.checkpoint import VimDetCheckpointer
 from vimdet.data.checks import CheckedDatasetMapper, explain_dataset_errors
@@ -34,50 +28,65 @@ __all__ = ["VimDetTrainer"]
 _AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@contextmanager
+def _ddp_without_device_ids(enabled: bool) -> Iterator[None]:
+    """Make Detectron2's trainer wrap a CPU model in DDP (gloo) without ``device_ids``.
+
+    Detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]``, which torch refuses for
+    CPU modules; ``launch`` with ``MODEL.DEVICE cpu`` (as ``--num-gpus 2`` on a CPU) needs None.
+    """
+    if not enabled:
+        yield
+        return
+    create_ddp_model = defaults.create_ddp_model
+    defaults.create_ddp_model = partial(create_ddp_model, device_ids=None)
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = create_ddp_model
+
+
 class VimDetTrainer(DefaultTrainer):
-    """DefaultTrainer + layer-decayed AdamW, COCO evaluation, strict trunk loading, bf16 AMP."""
+    """DefaultTrainer + layer-decayed AdamW, COCO evaluation, strict trunk loading, bf16 AMP.
+
+    Args:
+        cfg: a config from :func:`vimdet.config.build_cfg`.
+    """
 
     def __init__(self, cfg: CfgNode):
-        # DefaultTrainer.__init__, with three changes: the AMP dtype comes from
-        # SOLVER.AMP.DTYPE, DDP also wraps CPU models (device_ids=None, for gloo runs), and the
-        # checkpointer refuses trunk tensors of the wrong shape.
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        on_cpu = cfg.MODEL.DEVICE == "cpu"
-        model = create_ddp_model(
-            model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {})
-        )
-        if cfg.SOLVER.AMP.ENABLED:
+        # DefaultTrainer builds model, optimizer, loader, scheduler and hooks; ViMDet differs in
+        # three places: DDP of CPU models, the AMP dtype and the checkpointer (put in by
+        # build_hooks, which DefaultTrainer.__init__ calls).
+        with _ddp_without_device_ids(cfg.MODEL.DEVICE == "cpu"):
+            super().__init__(cfg)
+        if cfg.SOLVER.AMP.ENABLED:  # Detectron2's AMPTrainer defaults to float16
             dtype = _AMP_DTYPES[cfg.SOLVER.AMP.DTYPE]
-            scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
             self._trainer = AMPTrainer(
-                model, data_loader, optimizer, grad_scaler=scaler, precision=dtype
+                self._trainer.model,
+                self._trainer.data_loader,
+                self._trainer.optimizer,
+                grad_scaler=torch.amp.GradScaler("cuda", enabled=dtype == torch.float16),
+                precision=dtype,
             )
-        else:
-            self._trainer = SimpleTrainer(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = VimDetCheckpointer(
-            model,
-            cfg.OUTPUT_DIR,
-            trainer=weakref.proxy(self),
-            allow_partial_trunk=cfg.MODEL.VIM.ALLOW_PARTIAL_WEIGHTS,
-        )
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
         return build_vimdet_optimizer(cfg, model)
 
     def build_hooks(self) -> list:
-        # First, so that every later hook and the iteration see the iteration's seeded RNGs.
+        # DefaultTrainer.__init__ builds a plain DetectionCheckpointer just before calling this,
+        # and the PeriodicCheckpointer hook built below saves through self.checkpointer: replace
+        # it first, so that loading (resume_or_load) and every periodic save go through ViMDet's
+        # checkpointer (strict trunk, files read safely, atomic saves, --resume fallback).
+        if not isinstance(self.checkpointer, VimDetCheckpointer):
+            self.checkpointer = VimDetCheckpointer(
+                self.model,
+                self.cfg.OUTPUT_DIR,
+                trainer=weakref.proxy(self),
+                allow_partial_trunk=self.cfg.MODEL.VIM.ALLOW_PARTIAL_WEIGHTS,
+            )
+        # ExactResumeHook first, so that every later hook and the iteration see the iteration's
+        # seeded RNGs.
         stream = getattr(self.data_loader, "dataset", None)
         seed = stream.seed if isinstance(stream, ResumableTrainStream) else max(self.cfg.SEED, 0)
         return [ExactResumeHook(seed)] + super().build_hooks()

@@ -8,7 +8,6 @@ a max-pooled p6.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Dict, Sequence
 
@@ -21,8 +20,6 @@ from torch import Tensor, nn
 from .vim import VIM_SIZES, VisionMamba
 
 __all__ = ["VimFeaturePyramid", "build_vim_fpn_backbone", "vim_trunk_kwargs"]
-
-logger = logging.getLogger(__name__)
 
 
 def _resampler(dim: int, scale: float, norm: str) -> tuple:
@@ -148,18 +145,39 @@ class VimFeaturePyramid(Backbone):
 
 
 def vim_trunk_kwargs(cfg: CfgNode) -> dict:
-    """Keyword arguments of :class:`VisionMamba` from ``cfg.MODEL.VIM`` and ``MODEL.VIM_FPN``."""
+    """Keyword arguments of :class:`VisionMamba` from ``cfg.MODEL.VIM`` and ``MODEL.VIM_FPN``.
+
+    The width and depth come from ``MODEL.VIM.SIZE`` (a published size) or, with SIZE "custom",
+    from ``EMBED_DIM`` and ``DEPTH``; the trunk returns exactly the blocks that
+    ``MODEL.VIM_FPN.IN_BLOCKS`` taps.
+    """
     vim = cfg.MODEL.VIM
-    if vim.SIZE and vim.SIZE not in VIM_SIZES:
+    if vim.PRETRAINED:
         raise ValueError(
-            f"MODEL.VIM.SIZE {vim.SIZE!r} is unknown; use one of "
-            f"{sorted(VIM_SIZES)} or set MODEL.VIM.EMBED_DIM and MODEL.VIM.DEPTH"
+            f"MODEL.VIM.PRETRAINED {vim.PRETRAINED!r}: models no longer load weights when built. "
+            f"Load the released file through the checkpointer instead: MODEL.WEIGHTS "
+            f"{vim.PRETRAINED} (and leave MODEL.VIM.PRETRAINED empty)"
         )
-    size = VIM_SIZES.get(vim.SIZE, {})
-    embed_dim = vim.EMBED_DIM or size.get("embed_dim", 0)
-    depth = vim.DEPTH or size.get("depth", 0)
-    if not embed_dim or not depth:
-        raise ValueError("MODEL.VIM: set SIZE, or both EMBED_DIM and DEPTH")
+    if vim.SIZE == "custom":
+        if vim.EMBED_DIM <= 0 or vim.DEPTH <= 0:
+            raise ValueError(
+                f"MODEL.VIM.SIZE 'custom' needs MODEL.VIM.EMBED_DIM and MODEL.VIM.DEPTH > 0, got "
+                f"{vim.EMBED_DIM} and {vim.DEPTH}; set both, or pick one of {sorted(VIM_SIZES)}"
+            )
+        embed_dim, depth = vim.EMBED_DIM, vim.DEPTH
+    elif vim.SIZE in VIM_SIZES:
+        if vim.EMBED_DIM or vim.DEPTH:
+            raise ValueError(
+                f"MODEL.VIM.SIZE {vim.SIZE!r} fixes the width and depth, but MODEL.VIM.EMBED_DIM "
+                f"{vim.EMBED_DIM} / DEPTH {vim.DEPTH} are set too; set SIZE to 'custom' to use "
+                "them, or reset them to 0"
+            )
+        embed_dim, depth = VIM_SIZES[vim.SIZE]["embed_dim"], VIM_SIZES[vim.SIZE]["depth"]
+    else:
+        raise ValueError(
+            f"MODEL.VIM.SIZE {vim.SIZE!r} is unknown; use one of {sorted(VIM_SIZES)}, or "
+            "'custom' with MODEL.VIM.EMBED_DIM and MODEL.VIM.DEPTH"
+        )
     return dict(
         embed_dim=embed_dim,
         depth=depth,
@@ -178,12 +196,11 @@ def vim_trunk_kwargs(cfg: CfgNode) -> dict:
 
 @BACKBONE_REGISTRY.register()
 def build_vim_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec | None = None) -> Backbone:
-    """Detectron2 builder: ``MODEL.BACKBONE.NAME: build_vim_fpn_backbone``."""
-    net = VisionMamba(**vim_trunk_kwargs(cfg))
-    if cfg.MODEL.VIM.PRETRAINED:
-        from vimdet.checkpoint import load_vim_trunk
+    """Detectron2 builder: ``MODEL.BACKBONE.NAME: build_vim_fpn_backbone``.
 
-        load_vim_trunk(net, cfg.MODEL.VIM.PRETRAINED)
+    Builds the model only; weights come from ``MODEL.WEIGHTS`` through the checkpointer.
+    """
+    net = VisionMamba(**vim_trunk_kwargs(cfg))
     fpn = cfg.MODEL.VIM_FPN
     largest_input = max(cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST)
     if 0 < fpn.SQUARE_PAD < largest_input:

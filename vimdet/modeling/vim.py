@@ -2,7 +2,9 @@
 
 Parameter names equal those of the released classification checkpoints (``patch_embed.proj.*``,
 ``pos_embed``, ``layers.{i}.norm.weight``, ``layers.{i}.mixer.*``), so their trunk tensors load
-one to one. There is no class token: a detector reads a dense token grid.
+one to one. There is no class token: a detector reads a dense token grid. Parameters that take
+no weight decay (``pos_embed``, ``A_log``, ``D``, the RMSNorm weights) carry the flag
+``_no_weight_decay``, as in mamba-ssm; :mod:`vimdet.solver` reads it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vimdet.ops import selective_scan
+from vimdet.ops import bidirectional_selective_scan
 
 __all__ = ["VIM_SIZES", "RMSNorm", "BiMambaMixer", "VimBlock", "VisionMamba", "resize_pos_embed"]
 
@@ -27,13 +29,19 @@ VIM_SIZES: Dict[str, Dict[str, int]] = {
 }
 
 
+def _no_weight_decay(param: nn.Parameter) -> nn.Parameter:
+    """Flag ``param`` for the optimizer's no-weight-decay group (mamba-ssm's convention)."""
+    param._no_weight_decay = True
+    return param
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32. x: (..., dim)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = _no_weight_decay(nn.Parameter(torch.ones(dim)))
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
@@ -59,13 +67,57 @@ class _DropPath(nn.Module):
         return f"rate={self.rate}"
 
 
+def _init_dt_proj(dt_proj: nn.Linear, dt_min: float, dt_max: float, floor: float) -> None:
+    """Mamba's init: weight ~ U(+-rank^-0.5); bias = softplus^-1(dt), dt log-uniform in range."""
+    bound = dt_proj.in_features**-0.5
+    nn.init.uniform_(dt_proj.weight, -bound, bound)
+    dt = torch.exp(
+        torch.rand(dt_proj.out_features) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    ).clamp(min=floor)
+    with torch.no_grad():
+        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+def _scan_direction(
+    inner: int,
+    rank: int,
+    d_state: int,
+    d_conv: int,
+    dt_min: float,
+    dt_max: float,
+    dt_init_floor: float,
+) -> Tuple[nn.Conv1d, nn.Linear, nn.Linear, nn.Parameter, nn.Parameter]:
+    """One direction's (conv1d, x_proj, dt_proj, A_log, D), initialised as in Mamba and Vim."""
+    conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1, bias=True)
+    x_proj = nn.Linear(inner, rank + 2 * d_state, bias=False)
+    nn.init.trunc_normal_(x_proj.weight, std=0.02)
+    dt_proj = nn.Linear(rank, inner, bias=True)
+    _init_dt_proj(dt_proj, dt_min, dt_max, dt_init_floor)
+    a_init = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(inner, 1)
+    a_log = _no_weight_decay(nn.Parameter(torch.log(a_init)))
+    skip = _no_weight_decay(nn.Parameter(torch.ones(inner)))
+    return conv1d, x_proj, dt_proj, a_log, skip
+
+
 class BiMambaMixer(nn.Module):
     """Vim's bidirectional Mamba mixer ("bimamba v2" with divide-out).
 
     x, z = in_proj(h); each direction runs a causal depthwise conv, SiLU, x_proj -> (dt, B, C),
     dt_proj and the selective scan gated by SiLU(z); the backward direction has its own weights
-    (``*_b``) and sees the sequence flipped. Output: out_proj((y_fwd + y_bwd) / 2).
-    Input and output: (B, L, dim).
+    (``*_b``) and walks the sequence from its end (computed in place: its conv is anti-causal and
+    :func:`vimdet.ops.bidirectional_selective_scan` walks down). Output:
+    out_proj((y_fwd + y_bwd) / 2).
+    Input and output: (B, L, dim). Parameter names are those of the released checkpoints.
+
+    Args:
+        dim: width of the token stream.
+        d_state: SSM state size N per channel.
+        d_conv: kernel size of the causal depthwise conv1d.
+        expand: inner width as a multiple of ``dim``.
+        dt_rank: rank of the delta projection; None means ceil(dim / 16) as in Mamba.
+        dt_min, dt_max: range of the initial step size delta (log-uniform).
+        dt_init_floor: smallest initial delta.
+        scan_backend: selective-scan backend, one of :data:`vimdet.ops.BACKENDS`.
     """
 
     def __init__(
@@ -86,69 +138,65 @@ class BiMambaMixer(nn.Module):
         self.d_inner = expand * dim
         self.dt_rank = dt_rank or math.ceil(dim / 16)
         self.scan_backend = scan_backend
-        inner, rank = self.d_inner, self.dt_rank
-
-        self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
-        self.out_proj = nn.Linear(inner, dim, bias=False)
-        for suffix in ("", "_b"):
-            conv = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1, bias=True)
-            x_proj = nn.Linear(inner, rank + 2 * d_state, bias=False)
-            dt_proj = nn.Linear(rank, inner, bias=True)
-            self._init_dt_proj(dt_proj, rank, dt_min, dt_max, dt_init_floor)
-            a_init = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(inner, 1)
-            self.add_module("conv1d" + suffix, conv)
-            self.add_module("x_proj" + suffix, x_proj)
-            self.add_module("dt_proj" + suffix, dt_proj)
-            self.register_parameter(
-                "A_log" if not suffix else "A_b_log", nn.Parameter(torch.log(a_init))
-            )
-            self.register_parameter("D" + suffix, nn.Parameter(torch.ones(inner)))
-
-    @staticmethod
-    def _init_dt_proj(
-        dt_proj: nn.Linear, rank: int, dt_min: float, dt_max: float, floor: float
-    ) -> None:
-        # Mamba's init: weight ~ U(+-rank^-0.5); bias = softplus^-1(dt), dt log-uniform.
-        bound = rank**-0.5
-        nn.init.uniform_(dt_proj.weight, -bound, bound)
-        dt = torch.exp(
-            torch.rand(dt_proj.out_features) * (math.log(dt_max) - math.log(dt_min))
-            + math.log(dt_min)
-        ).clamp(min=floor)
-        with torch.no_grad():
-            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-
-    def _scan_one_direction(self, x: Tensor, z: Tensor, suffix: str) -> Tensor:
-        """x, z: (B, E, L) -> (B, E, L) for the direction whose weights end in ``suffix``."""
-        conv: nn.Conv1d = getattr(self, "conv1d" + suffix)
-        x_proj: nn.Linear = getattr(self, "x_proj" + suffix)
-        dt_proj: nn.Linear = getattr(self, "dt_proj" + suffix)
-        a_log: Tensor = getattr(self, "A_log" if not suffix else "A_b_log")
-        skip: Tensor = getattr(self, "D" + suffix)
-        length = x.shape[-1]
-        x = F.silu(conv(x)[..., :length])
-        dt, b, c = torch.split(
-            x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1
+        direction = dict(
+            inner=self.d_inner,
+            rank=self.dt_rank,
+            d_state=d_state,
+            d_conv=d_conv,
+            dt_min=dt_min,
+            dt_max=dt_max,
+            dt_init_floor=dt_init_floor,
         )
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias
-        return selective_scan(
-            x,
-            delta,
-            -torch.exp(a_log.float()),
-            b.transpose(1, 2),
-            c.transpose(1, 2),
-            D=skip.float(),
-            z=z,
-            delta_bias=dt_proj.bias.float(),
-            delta_softplus=True,
-            backend=self.scan_backend,
+
+        self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+        for linear in (self.in_proj, self.out_proj):  # Vim's init of the projections
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+        # The forward direction, then the backward one (``*_b``), under the released names.
+        self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D = _scan_direction(**direction)
+        self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b = _scan_direction(
+            **direction
         )
 
     def forward(self, hidden: Tensor) -> Tensor:
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
-        y_forward = self._scan_one_direction(x, z, "")
-        y_backward = self._scan_one_direction(x.flip(-1), z.flip(-1), "_b").flip(-1)
-        return self.out_proj(((y_forward + y_backward) / 2).transpose(1, 2))
+        """hidden (B, L, dim) -> (B, L, dim)."""
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # token-major (B, L, E) views
+        x = x.transpose(1, 2)  # (B, E, L), as the depthwise convs read it
+        length = x.shape[-1]
+        u_forward = F.silu(self.conv1d(x)[..., :length])
+        # The backward branch's causal conv on the flipped sequence is, unflipped, an anti-causal
+        # conv with the taps reversed: u_b[t] = bias + sum_j w[K-1-j] * x[t+j].
+        taps = self.conv1d_b.kernel_size[0]
+        u_backward = F.silu(
+            F.conv1d(
+                F.pad(x, (0, taps - 1)),
+                self.conv1d_b.weight.flip(-1),
+                self.conv1d_b.bias,
+                groups=self.d_inner,
+            )
+        )
+        # Both directions stacked, token-major: (2, B, L, E). Each direction's projections run
+        # as one batched matmul over the stacked weights; B and C are views of its output.
+        u = torch.stack([u_forward, u_backward]).transpose(2, 3)
+        x_proj = torch.stack([self.x_proj.weight, self.x_proj_b.weight]).transpose(1, 2)
+        dt, b, c = torch.matmul(u, x_proj[:, None]).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        dt_proj = torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]).transpose(1, 2)
+        delta = torch.matmul(dt, dt_proj[:, None])  # its bias goes in as delta_bias
+        y = bidirectional_selective_scan(
+            u,
+            delta,
+            -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
+            b,
+            c,
+            D=torch.stack([self.D, self.D_b]).float(),
+            z=z,
+            delta_bias=torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
+            delta_softplus=True,
+            backend=self.scan_backend,
+        )
+        return self.out_proj(y)
 
 
 class VimBlock(nn.Module):
@@ -156,6 +204,11 @@ class VimBlock(nn.Module):
 
     ``forward(h_prev, residual_prev) -> (h, residual)`` where residual = residual_prev +
     drop_path(h_prev) (or h_prev itself for the first block) and h = mixer(norm(residual)).
+
+    Args:
+        dim: width of the token stream.
+        drop_path: stochastic-depth rate of this block's residual branch.
+        mixer_kwargs: the rest of :class:`BiMambaMixer`'s arguments.
     """
 
     def __init__(self, dim: int, drop_path: float = 0.0, **mixer_kwargs):
@@ -210,6 +263,20 @@ class VisionMamba(nn.Module):
     ``forward(images (B, 3, H, W))`` returns ``{"block{k}": (B, dim, H/16, W/16)}`` for each
     requested 1-based block k, where the feature after block k is ``residual_k + h_k`` (fp32,
     before any norm).
+
+    Args:
+        embed_dim: width of the token stream (192, 384, 768 for Vim-T/S/B).
+        depth: number of Vim blocks.
+        patch_size: side of the square patches, in pixels (the trunk's stride).
+        in_chans: input image channels.
+        pretrain_img_size: image side the position grid was trained at (224: a 14x14 grid); the
+            grid is resized bicubically to each input's own token grid.
+        d_state, d_conv, expand, dt_rank: the mixer's, see :class:`BiMambaMixer`.
+        drop_path_rate: highest stochastic-depth rate; block i > 0 gets
+            linspace(0, rate, depth)[i - 1].
+        out_blocks: 1-based blocks whose output stream is returned; the last must be ``depth``.
+        scan_backend: selective-scan backend, one of :data:`vimdet.ops.BACKENDS`.
+        use_checkpoint: recompute each block in the backward pass (activation checkpointing).
     """
 
     def __init__(
@@ -249,9 +316,8 @@ class VisionMamba(nn.Module):
         self.pretrain_grid = (pretrain_img_size // patch_size,) * 2
 
         self.patch_embed = _PatchEmbed(patch_size, in_chans, embed_dim)
-        self.pos_embed = nn.Parameter(
-            torch.zeros(1, self.pretrain_grid[0] * self.pretrain_grid[1], embed_dim)
-        )
+        grid_size = self.pretrain_grid[0] * self.pretrain_grid[1]
+        self.pos_embed = _no_weight_decay(nn.Parameter(torch.zeros(1, grid_size, embed_dim)))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         # Vim's schedule: block 0 gets 0, block i gets linspace(0, rate, depth)[i - 1].
         rates = [0.0] + torch.linspace(0, drop_path_rate, depth).tolist()
@@ -268,14 +334,6 @@ class VisionMamba(nn.Module):
             for i in range(depth)
         )
         self._pos_cache: Dict[Tuple, Tensor] = {}
-        self.apply(self._init_linear)
-
-    @staticmethod
-    def _init_linear(module: nn.Module) -> None:
-        # in_proj, x_proj and out_proj (no bias) get Vim's trunc-normal init; dt_proj (with
-        # bias) keeps Mamba's init from BiMambaMixer.
-        if isinstance(module, nn.Linear) and module.bias is None:
-            nn.init.trunc_normal_(module.weight, std=0.02)
 
     def position_embedding(self, grid: Tuple[int, int]) -> Tensor:
         """The position grid resized to ``grid``; cached per size while no gradient is needed."""

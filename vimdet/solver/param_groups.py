@@ -1,42 +1,36 @@
 """Optimizer parameter groups for ViTDet-style fine-tuning of a Vim detector.
 
-Layer-wise learning-rate decay (Clark et al. 2020; ViTDet, arXiv 2203.16527): the patch
-embedding and position grid get ``decay ** (depth + 1)``, block i (0-based) gets
-``decay ** (depth - i)``, everything outside the trunk gets 1. No weight decay for norms, biases,
-``pos_embed`` and the SSM parameters ``A_log``, ``A_b_log``, ``D`` and ``D_b``.
+Detectron2's ``get_default_optimizer_params`` builds the groups, with a layer-wise learning-rate
+decay (Clark et al. 2020; ViTDet, arXiv 2203.16527) as its ``lr_factor_func``: the patch embedding
+and position grid get ``decay ** (depth + 1)``, block i (0-based) gets ``decay ** (depth - i)``,
+everything outside the trunk gets 1 (:func:`vimdet.modeling.vim_lr_decay_rate`). No weight decay
+for biases, norm layers (Detectron2's and its channel ``LayerNorm``) and the parameters flagged
+``_no_weight_decay`` by their module (``pos_embed``, ``A_log``, ``D``, the RMSNorm weights).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import functools
+from typing import Dict, List
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.solver.build import maybe_add_gradient_clipping
+from detectron2.layers.batch_norm import LayerNorm
+from detectron2.solver.build import (
+    get_default_optimizer_params,
+    maybe_add_gradient_clipping,
+    reduce_param_groups,
+)
 from torch import nn
 
-from vimdet.checkpoint import TRUNK_PREFIX
+from vimdet.modeling import TRUNK_PREFIX, vim_lr_decay_rate
 
-__all__ = ["vim_layer_id", "is_no_weight_decay", "vim_param_groups", "build_vimdet_optimizer"]
-
-_NO_DECAY_NAMES = ("pos_embed", "A_log", "A_b_log")
+__all__ = ["is_no_weight_decay", "vim_param_groups", "build_vimdet_optimizer"]
 
 
-def vim_layer_id(name: str, depth: int, prefix: str = TRUNK_PREFIX) -> int:
-    """0 for the trunk's stem, i + 1 for ``layers.{i}``, depth + 1 for everything else."""
-    if not name.startswith(prefix):
-        return depth + 1
-    local = name[len(prefix) :]
-    if local.startswith(("patch_embed.", "pos_embed")):
-        return 0
-    if local.startswith("layers."):
-        return int(local.split(".")[1]) + 1
-    return depth + 1
-
-
-def is_no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Norm weights, biases, D/D_b (all 1-D), pos_embed, A_log and A_b_log."""
-    return param.ndim <= 1 or name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES
+def is_no_weight_decay(param: nn.Parameter) -> bool:
+    """Whether the module that owns ``param`` flagged it ``_no_weight_decay`` (mamba-ssm's flag)."""
+    return getattr(param, "_no_weight_decay", False)
 
 
 def vim_param_groups(
@@ -47,19 +41,30 @@ def vim_param_groups(
     depth: int,
     prefix: str = TRUNK_PREFIX,
 ) -> List[Dict]:
-    """Group trainable parameters by (lr scale, weight decay); one dict per group."""
-    groups: Dict[Tuple[float, float], Dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        scale = layer_decay ** (depth + 1 - vim_layer_id(name, depth, prefix))
-        decay = 0.0 if is_no_weight_decay(name, param) else weight_decay
-        group = groups.setdefault(
-            (scale, decay),
-            {"params": [], "lr": base_lr * scale, "weight_decay": decay},
-        )
-        group["params"].append(param)
-    return list(groups.values())
+    """Group trainable parameters by (lr, weight decay); one dict per group."""
+    groups = get_default_optimizer_params(
+        model,
+        base_lr=base_lr,
+        weight_decay=weight_decay,
+        weight_decay_norm=0.0,
+        weight_decay_bias=0.0,
+        lr_factor_func=functools.partial(
+            vim_lr_decay_rate, depth=depth, layer_decay=layer_decay, prefix=prefix
+        ),
+    )
+    # Detectron2 knows torch's norm types by class; its own channel LayerNorm (the pyramid's
+    # and the box head's "LN") and the flagged parameters join the no-decay groups here.
+    no_decay = {p for m in model.modules() if isinstance(m, LayerNorm) for p in m.parameters()}
+    no_decay |= {p for p in model.parameters() if is_no_weight_decay(p)}
+    split = []
+    for group in groups:
+        for params, decay in (
+            ([p for p in group["params"] if p not in no_decay], group["weight_decay"]),
+            ([p for p in group["params"] if p in no_decay], 0.0),
+        ):
+            if params:
+                split.append({**group, "params": params, "weight_decay": decay})
+    return reduce_param_groups(split)
 
 
 def _with_full_model_clipping(optimizer_cls: type, max_norm: float, norm_type: float) -> type:

@@ -1,4 +1,4 @@
-"""Every shipped config loads (with its _BASE_ chain) and builds a model."""
+"""Every shipped config loads (with its _BASE_ chain) and builds a model; bad files are named."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import pytest
 from detectron2.modeling import build_model
 
 import vimdet  # noqa: F401
-from vimdet.engine import build_cfg
+from vimdet.config import build_cfg
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
 
@@ -30,3 +30,8 @@ def test_config_loads_and_builds(path):
     assert model.roi_heads.__class__.__name__ == "CascadeROIHeads"
     assert len(model.roi_heads.box_predictor) == 3
     assert model.roi_heads.mask_on == cfg.MODEL.MASK_ON
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="configs/cascade_vim_t.yaml"):
+        build_cfg(str(tmp_path / "nope.yaml"))

@@ -1,4 +1,4 @@
-"""Config set-up for ViMDet's command-line tools, with clear errors for bad input."""
+"""A checked, frozen config for ViMDet's command-line tools, with clear errors for bad input."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Sequence
 import torch
 from detectron2.config import CfgNode, get_cfg
 
-from vimdet.config import add_vimdet_config
-from vimdet.config.overrides import check_overrides, explain_merge_error
+from .defaults import add_vimdet_config
+from .overrides import check_overrides, explain_merge_error
 
 __all__ = ["build_cfg"]
 
@@ -23,8 +23,8 @@ def build_cfg(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     Raises FileNotFoundError for a missing file; yacs's KeyError/AssertionError for an unknown
     key (with the closest keys) and ValueError for a wrong type, naming the source; ValueError for
     a flag among the overrides, a key without a value, a CUDA device without CUDA or an unknown
-    AMP dtype. AMP is turned off (with a warning) on
-    the CPU, where Detectron2's AMPTrainer cannot run.
+    AMP dtype. AMP is turned off (with a warning) on the CPU, where Detectron2's AMPTrainer cannot
+    run.
     """
     cfg = get_cfg()
     add_vimdet_config(cfg)

@@ -1,0 +1,233 @@
+"""The Triton scan kernels through Triton's CPU interpreter, against the step-by-step reference.
+
+Tiny shapes, chunks of 8 positions and 8 channels a program, chained 4 chunks a step, so that
+every case crosses chunk, channel-block and chaining-step boundaries. The same kernels run compiled
+at real shapes in tests/gpu.
+"""
+
+import pytest
+import torch
+
+from vimdet.ops import (
+    bidirectional_selective_scan,
+    column_major_walk,
+    resolve_backend,
+    scan_triton,
+    selective_scan,
+    selective_scan_reference,
+    triton_available,
+)
+
+pytestmark = pytest.mark.skipif(
+    not (triton_available() and scan_triton.interpreting()),
+    reason="runs Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py without a GPU)",
+)
+
+# Relative to the largest magnitude of the compared tensor: both sides compute in fp32 and differ
+# in summation order only; bf16 outputs and gradients are also rounded to bf16 on the way out.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}
+# (D, z, delta_bias, softplus)
+FLAGS = {
+    "plain": (False, False, False, False),
+    "mamba": (True, True, True, True),
+    "gate_only": (False, True, False, True),
+    "skip_bias": (True, False, True, False),
+}
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(scan_triton, "CHUNK", 8)
+    monkeypatch.setattr(scan_triton, "FORWARD_BLOCK", (8, 1))
+    monkeypatch.setattr(scan_triton, "BACKWARD_BLOCK", (8, 1))
+    monkeypatch.setattr(scan_triton, "CARRY_CHUNKS", 4)  # chains of over 4 chunks take steps
+    monkeypatch.setattr(scan_triton, "CARRY_BLOCK", 16)
+
+
+def make_inputs(dirs, batch, length, channels, state, flags, dtype=torch.float32, seed=0):
+    """Direction-stacked, token-major inputs (see bidirectional_selective_scan)."""
+    with_d, with_z, with_bias, softplus = FLAGS[flags]
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+    delta = torch.rand(dirs, batch, length, channels, generator=gen)
+    return {
+        "u": randn(dirs, batch, length, channels),
+        # Raw deltas in [0, 1); softplus'd ones around 0.7: decays well inside (0, 1).
+        "delta": (delta * (0.5 if softplus else 1.0)).to(dtype),
+        "A": -torch.rand(dirs, channels, state, generator=gen) * 2 - 0.1,
+        "B": randn(dirs, batch, length, state),
+        "C": randn(dirs, batch, length, state),
+        "D": torch.randn(dirs, channels, generator=gen) if with_d else None,
+        "z": randn(batch, length, channels) if with_z else None,
+        "delta_bias": torch.randn(dirs, channels, generator=gen) * 0.5 if with_bias else None,
+    }, softplus
+
+
+def gathered(tensor, tokens):
+    """(batch, L, C) -> (batch, C, L) with the tokens in ``tokens`` order."""
+    return tensor[:, tokens].transpose(1, 2)
+
+
+def reference_walk(inputs, softplus, order=None):
+    """Each direction by the reference backend on copies gathered in walk order (the backward
+    direction's order reversed), scattered back to token order and averaged."""
+    u = inputs["u"]
+    dirs, length = u.shape[0], u.shape[2]
+    order = torch.arange(length) if order is None else order
+    total = 0
+    for d in range(dirs):
+        tokens = order if d == 0 else order.flip(0)
+        y = selective_scan_reference(
+            gathered(u[d], tokens),
+            gathered(inputs["delta"][d], tokens),
+            inputs["A"][d],
+            gathered(inputs["B"][d], tokens),
+            gathered(inputs["C"][d], tokens),
+            None if inputs["D"] is None else inputs["D"][d],
+            None if inputs["z"] is None else gathered(inputs["z"], tokens),
+            None if inputs["delta_bias"] is None else inputs["delta_bias"][d],
+            softplus,
+        ).transpose(1, 2)
+        total = total + torch.empty_like(y).index_copy_(1, tokens, y).float()
+    return (total / dirs).to(u.dtype)
+
+
+def output_and_grads(function, inputs):
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
+    out = function({**dict.fromkeys(inputs), **leaves})
+    upstream = torch.linspace(-1, 1, out.numel()).view_as(out)  # a non-uniform gradient
+    grads = torch.autograd.grad((out.float() * upstream).sum(), list(leaves.values()))
+    return out.detach(), dict(zip(leaves, grads))
+
+
+def assert_close(actual, expected, dtype, what):
+    assert actual.shape == expected.shape, what
+    scale = expected.float().abs().max().clamp(min=1e-6)
+    error = (actual.float() - expected.float()).abs().max() / scale
+    assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.2e} > {TOLERANCE[dtype]}"
+
+
+def assert_matches_reference(inputs, softplus, dtype, walk=None, order=None):
+    def triton_scan(tensors):
+        return bidirectional_selective_scan(
+            **tensors, delta_softplus=softplus, walk=walk, backend="triton"
+        )
+
+    actual, actual_grads = output_and_grads(triton_scan, inputs)
+    expected, expected_grads = output_and_grads(
+        lambda tensors: reference_walk(tensors, softplus, order), inputs
+    )
+    assert actual.dtype == dtype
+    assert_close(actual, expected, dtype, "output")
+    assert set(actual_grads) == set(expected_grads)
+    for name, grad in expected_grads.items():
+        assert actual_grads[name].dtype == inputs[name].dtype, name
+        assert_close(actual_grads[name], grad, dtype, f"grad of {name}")
+
+
+@pytest.mark.parametrize(
+    "length, channels, state, flags",
+    [
+        (1, 8, 4, "mamba"),
+        (7, 12, 4, "plain"),
+        (33, 12, 16, "mamba"),
+        (130, 9, 4, "gate_only"),
+        (33, 17, 4, "skip_bias"),
+    ],
+)
+def test_both_directions_match_reference(length, channels, state, flags):
+    inputs, softplus = make_inputs(2, 2, length, channels, state, flags)
+    assert_matches_reference(inputs, softplus, torch.float32)
+
+
+@pytest.mark.parametrize("flags", ["plain", "mamba"])
+def test_one_direction_matches_reference(flags):
+    inputs, softplus = make_inputs(1, 2, 33, 12, 4, flags)
+    assert_matches_reference(inputs, softplus, torch.float32)
+
+
+def test_bf16_inputs_match_reference():
+    inputs, softplus = make_inputs(2, 1, 19, 12, 4, "mamba", dtype=torch.bfloat16)
+    assert_matches_reference(inputs, softplus, torch.bfloat16)
+
+
+def test_column_major_walk_matches_transposed_grid():
+    # An odd, non-square 5 x 7 grid: the column walk must equal scanning the transposed grid.
+    height, width = 5, 7
+    inputs, softplus = make_inputs(2, 1, height * width, 8, 4, "mamba")
+    order = torch.arange(height * width).view(height, width).t().reshape(-1)
+    assert_matches_reference(
+        inputs, softplus, torch.float32, walk=column_major_walk(height, width), order=order
+    )
+
+
+def test_strided_inputs_are_read_in_place():
+    # Views as the mixer passes them: B and C slices of one projection, z half of another.
+    inputs, softplus = make_inputs(2, 1, 20, 8, 4, "mamba")
+    projected = torch.randn(2, 1, 20, 3 + 2 * 4)
+    inputs["B"], inputs["C"] = projected[..., 3:7], projected[..., 7:]
+    inputs["z"] = torch.randn(1, 20, 16)[..., 8:]
+    inputs["u"] = inputs["u"].transpose(2, 3).contiguous().transpose(2, 3)
+    assert not inputs["B"].is_contiguous() and not inputs["u"].is_contiguous()
+    assert_matches_reference(inputs, softplus, torch.float32)
+
+
+def test_selective_scan_triton_backend_has_mamba_layout():
+    # The single-direction entry point: (B, E, L) tensors, the same numbers as the reference.
+    gen = torch.Generator().manual_seed(1)
+    u, delta, z = (torch.randn(2, 12, 21, generator=gen) for _ in range(3))
+    a = -torch.rand(12, 4, generator=gen) - 0.1
+    b, c = (torch.randn(2, 4, 21, generator=gen) for _ in range(2))
+    d, bias = torch.randn(12, generator=gen), torch.randn(12, generator=gen)
+    args = (u, delta.abs(), a, b, c, d, z, bias, True)
+    actual = selective_scan(*args, backend="triton")
+    expected = selective_scan_reference(*args)
+    assert actual.shape == (2, 12, 21)
+    assert_close(actual, expected, torch.float32, "output")
+
+
+def test_strong_decay_stays_finite():
+    # Per-step decays near exp(-80): nothing may be divided by a cumulative decay.
+    inputs, _ = make_inputs(2, 1, 40, 8, 16, "plain")
+    inputs["delta"] = torch.full_like(inputs["delta"], 5.0)
+    inputs["A"] = -torch.arange(1, 17, dtype=torch.float32).repeat(2, 8, 1)
+    assert_matches_reference(inputs, False, torch.float32)
+
+
+def test_backend_choice(monkeypatch):
+    assert resolve_backend("auto", torch.device("cpu")) == "chunked"
+    assert resolve_backend("triton", torch.device("cpu")) == "triton"  # the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs tensors on a CUDA device"):
+        resolve_backend("triton", torch.device("cpu"))
+    monkeypatch.setattr(scan_triton, "triton", None)
+    with pytest.raises(RuntimeError, match="needs Triton"):
+        resolve_backend("triton", torch.device("cpu"))
+
+
+def test_bad_shapes_name_the_argument():
+    inputs, softplus = make_inputs(2, 1, 8, 4, 4, "mamba")
+    inputs["B"] = inputs["B"][..., :3]
+    with pytest.raises(ValueError, match="B must have shape"):
+        bidirectional_selective_scan(**inputs, delta_softplus=softplus, backend="triton")
+    with pytest.raises(ValueError, match="dirs=1 or 2"):
+        bidirectional_selective_scan(
+            torch.zeros(3, 1, 8, 4), *list(inputs.values())[1:], backend="triton"
+        )
+
+
+def test_registered_op_passes_opcheck():
+    # torch.library's checks of the schema, the fake (meta) kernel and the autograd registration.
+    inputs, _ = make_inputs(2, 1, 9, 8, 4, "mamba")
+    args = [inputs[name] for name in NAMES] + [True, scan_triton.row_major_walk(9)]
+    for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"):
+        inputs[name].requires_grad_()
+    torch.library.opcheck(
+        torch.ops.vimdet.scan_walk.default,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )

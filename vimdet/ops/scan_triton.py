@@ -1,0 +1,529 @@
+# ruff: noqa: UP045 (torch.library infers op schemas from typing.Optional annotations)
+"""The ``triton`` selective-scan backend: ViMDet's own GPU scan, one or two directions per launch.
+
+``scan_walk(u, delta, A, B, C, ...)`` is the core: token-major inputs with a leading direction axis,
+both of Vim's directions in one launch per phase (direction 1 walks the sequence from the end, so
+nothing is flipped), softplus(delta + bias), the D skip, the SiLU(z) gate and the average of the
+directions fused in. It is registered with ``torch.library`` as ``vimdet::scan_walk`` with its
+autograd and fake (meta) implementations, so ``torch.compile`` sees one op and ``torch.export``
+can carry it. The kernels are in :mod:`vimdet.ops.scan_triton_kernels`.
+
+Shapes (dirs = 1 or 2; any strides)::
+
+    u, delta  (dirs, batch, L, E)     A (dirs, E, N)     B, C (dirs, batch, L, N)
+    D, delta_bias  (dirs, E)          z (batch, L, E)    -> out (batch, L, E) in u's dtype
+
+The walk (start, inner, inner_stride, outer_stride) maps scan position p to the token
+start + (p % inner) * inner_stride + (p // inner) * outer_stride: row-major is (0, L, 1, 0) and
+column-major over an H x W grid is (0, H, W, 1); direction 1 walks it backwards.
+"""
+
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs may lack it.
+    import triton
+
+    from . import scan_triton_kernels as kernels
+except ImportError:
+    triton = None
+    kernels = None
+
+__all__ = [
+    "TRITON_HINT",
+    "column_major_walk",
+    "interpreting",
+    "row_major_walk",
+    "scan_triton",
+    "scan_walk",
+    "triton_available",
+]
+
+# Positions per chunk (one tile of BLOCK_L rows). The carries between chunks, (batch, dirs,
+# L / CHUNK, N, E) fp32, are computed in the forward pass and again in the backward pass rather than
+# kept: at 16 they would hold 8 bytes per token and channel, four bf16 activations.
+CHUNK = 16
+# (channels per program, warps) of the forward kernels and of the backward kernel; measured best of
+# those tried on an H200 at Vim-B shapes (docs/benchmarks.md).
+FORWARD_BLOCK = (32, 1)
+BACKWARD_BLOCK = (32, 1)
+# The chaining kernel's tile: chunks scanned at once, and elements of the (N, E) slab per program.
+CARRY_CHUNKS = 32
+CARRY_BLOCK = 64
+
+
+TRITON_HINT = (
+    "The 'triton' selective-scan backend needs Triton, which is not importable here. CUDA builds "
+    "of PyTorch ship it (`pip install torch` on a Linux GPU machine); or choose another backend: "
+    "MODEL.VIM.SCAN_BACKEND chunked (or cuda, with mamba-ssm), or VIMDET_SCAN_BACKEND=chunked."
+)
+
+
+def triton_available() -> bool:
+    """Whether Triton (and so this backend) can be imported."""
+    return triton is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def row_major_walk(length: int) -> List[int]:
+    """The walk over ``length`` tokens in storage order."""
+    return [0, length, 1, 0]
+
+
+def column_major_walk(height: int, width: int) -> List[int]:
+    """The walk down the columns of a row-major ``height`` x ``width`` token grid."""
+    return [0, height, width, 1]
+
+
+def _num_chunks(length: int) -> int:
+    return (length + CHUNK - 1) // CHUNK
+
+
+def _block_e(channels: int, block: int) -> int:
+    return min(block, triton.next_power_of_2(channels))
+
+
+def _strides(tensor: Optional[Tensor], ndim: int) -> Tuple[int, ...]:
+    """Strides of ``tensor``, or zeros for an absent optional input."""
+    return tuple(tensor.stride()) if tensor is not None else (0,) * ndim
+
+
+def _walk_args(walk: Sequence[int]) -> Tuple[int, int, int, int]:
+    start, inner, inner_stride, outer_stride = (int(v) for v in walk)
+    return start, inner, inner_stride, outer_stride
+
+
+def _device_guard(tensor: Tensor):
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _state_carries(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    walk: Sequence[int],
+) -> Tensor:
+    """The state entering every chunk: (batch, dirs, chunks, N, E) fp32."""
+    dirs, batch, length, channels = u.shape
+    state = A.shape[-1]
+    chunks = _num_chunks(length)
+    block_e, warps = FORWARD_BLOCK
+    block_e = _block_e(channels, block_e)
+    chunk_states = u.new_empty((batch, dirs, chunks, state, channels), dtype=torch.float32)
+    logsums = u.new_empty((batch, dirs, chunks, channels), dtype=torch.float32)
+    bias = delta_bias if delta_bias is not None else A
+    grid = (chunks, triton.cdiv(channels, block_e), batch)
+    kernels.chunk_state_kernel[grid](
+        u,
+        delta,
+        bias,
+        A,
+        B,
+        chunk_states,
+        logsums,
+        length,
+        channels,
+        batch,
+        *_walk_args(walk),
+        *u.stride(),
+        *delta.stride(),
+        _strides(delta_bias, 2)[0],
+        *A.stride(),
+        *B.stride(),
+        NUM_DIRS=dirs,
+        STATE=state,
+        HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus,
+        BLOCK_L=CHUNK,
+        BLOCK_E=block_e,
+        num_warps=warps,
+    )
+    return _chain_chunks(chunk_states, logsums, A, adjoint=False)
+
+
+def _chain_chunks(chunk_values: Tensor, logsums: Tensor, A: Tensor, adjoint: bool) -> Tensor:
+    """The value entering every chunk, from each chunk's (batch, dirs, chunks, N, E) value and
+    (batch, dirs, chunks, E) summed dt (``chunk_carry_kernel``)."""
+    batch, dirs, chunks, state, channels = chunk_values.shape
+    carries = torch.empty_like(chunk_values)
+    grid = (triton.cdiv(state * channels, CARRY_BLOCK), batch * dirs)
+    kernels.chunk_carry_kernel[grid](
+        chunk_values,
+        logsums,
+        A,
+        carries,
+        chunks,
+        channels,
+        *A.stride(),
+        NUM_DIRS=dirs,
+        STATE=state,
+        DIR0_DOWN=adjoint,
+        CHUNK_TILE=CARRY_CHUNKS,
+        BLOCK=CARRY_BLOCK,
+        num_warps=4,
+    )
+    return carries
+
+
+def _scan_walk_forward(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    walk: Sequence[int],
+) -> Tensor:
+    dirs, batch, length, channels = u.shape
+    state = A.shape[-1]
+    with _device_guard(u):
+        carries = _state_carries(u, delta, A, B, delta_bias, delta_softplus, walk)
+        out = u.new_empty((batch, length, channels))
+        # The first direction's output waits here, in fp32, for the second one's.
+        partial = out.new_empty(out.shape, dtype=torch.float32) if dirs > 1 else out
+        block_e, warps = FORWARD_BLOCK
+        block_e = _block_e(channels, block_e)
+        grid = (_num_chunks(length), triton.cdiv(channels, block_e), batch)
+        for d in range(dirs):
+            kernels.scan_output_kernel[grid](
+                u[d],
+                delta[d],
+                delta_bias[d] if delta_bias is not None else A,
+                A[d],
+                B[d],
+                C[d],
+                D[d] if D is not None else A,
+                z if z is not None else u,
+                carries[:, d],
+                partial,
+                out,
+                length,
+                channels,
+                *_walk_args(walk),
+                *u[d].stride(),
+                *delta[d].stride(),
+                *A[d].stride(),
+                *B[d].stride(),
+                *C[d].stride(),
+                *_strides(z, 3),
+                carries.stride(0),
+                *out.stride(),
+                REVERSE=d == 1,
+                NUM_DIRS=dirs,
+                ADD_PARTIAL=d > 0,
+                FINAL=d == dirs - 1,
+                STATE=state,
+                HAS_D=D is not None,
+                HAS_Z=z is not None,
+                HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=delta_softplus,
+                BLOCK_L=CHUNK,
+                BLOCK_E=block_e,
+                num_warps=warps,
+            )
+    return out
+
+
+def _scan_walk_backward(
+    dout: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    walk: Sequence[int],
+) -> Tuple[Tensor, ...]:
+    dirs, batch, length, channels = u.shape
+    state = A.shape[-1]
+    chunks = _num_chunks(length)
+    bias = delta_bias if delta_bias is not None else A
+    with _device_guard(u):
+        carries = _state_carries(u, delta, A, B, delta_bias, delta_softplus, walk)
+        # 1. The adjoint each chunk passes on when nothing enters it, chained against the walk.
+        block_e, warps = FORWARD_BLOCK
+        block_e = _block_e(channels, block_e)
+        chunk_adjoints = torch.empty_like(carries)
+        logsums = u.new_empty((batch, dirs, chunks, channels), dtype=torch.float32)
+        kernels.chunk_adjoint_kernel[(chunks, triton.cdiv(channels, block_e), batch)](
+            dout,
+            z if z is not None else u,
+            delta,
+            bias,
+            A,
+            C,
+            chunk_adjoints,
+            logsums,
+            length,
+            channels,
+            batch,
+            *_walk_args(walk),
+            *dout.stride(),
+            *_strides(z, 3),
+            *delta.stride(),
+            _strides(delta_bias, 2)[0],
+            *A.stride(),
+            *C.stride(),
+            NUM_DIRS=dirs,
+            STATE=state,
+            HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=delta_softplus,
+            BLOCK_L=CHUNK,
+            BLOCK_E=block_e,
+            num_warps=warps,
+        )
+        adjoint_carries = _chain_chunks(chunk_adjoints, logsums, A, adjoint=True)
+        # 2. Every gradient, from states and adjoints recomputed inside each chunk, one launch per
+        # direction.
+        block_e, warps = BACKWARD_BLOCK
+        block_e = _block_e(channels, block_e)
+        e_blocks = triton.cdiv(channels, block_e)
+        du = torch.empty((dirs, batch, length, channels), dtype=u.dtype, device=u.device)
+        ddelta = torch.empty((dirs, batch, length, channels), dtype=delta.dtype, device=u.device)
+        dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else None
+        partial = u.new_empty((batch, length, channels), dtype=torch.float32) if dirs > 1 else du
+        f32 = {"dtype": torch.float32, "device": u.device}
+        dB_parts = torch.empty((dirs, e_blocks, batch, length, state), **f32)
+        dC_parts = torch.empty((dirs, e_blocks, batch, length, state), **f32)
+        dA_parts = torch.empty((dirs, batch * chunks, state, channels), **f32)
+        dD_parts = torch.empty((dirs, batch * chunks, channels), **f32) if D is not None else None
+        dbias_parts = (
+            torch.empty((dirs, batch * chunks, channels), **f32) if delta_bias is not None else None
+        )
+        for d in range(dirs):
+            kernels.scan_backward_kernel[(chunks, e_blocks, batch)](
+                dout,
+                u[d],
+                delta[d],
+                bias[d] if delta_bias is not None else A,
+                A[d],
+                B[d],
+                C[d],
+                D[d] if D is not None else A,
+                z if z is not None else u,
+                carries[:, d],
+                adjoint_carries[:, d],
+                partial,
+                du[d],
+                ddelta[d],
+                dz if dz is not None else du,
+                dB_parts[d],
+                dC_parts[d],
+                dA_parts[d],
+                dD_parts[d] if D is not None else A,
+                dbias_parts[d] if delta_bias is not None else A,
+                length,
+                channels,
+                *_walk_args(walk),
+                *dout.stride(),
+                *u[d].stride(),
+                *delta[d].stride(),
+                *A[d].stride(),
+                *B[d].stride(),
+                *C[d].stride(),
+                *_strides(z, 3),
+                carries.stride(0),
+                *du[d].stride(),
+                *ddelta[d].stride(),
+                *_strides(dz, 3),
+                *dB_parts[d].stride()[:3],
+                dA_parts[d].stride(0),
+                REVERSE=d == 1,
+                NUM_DIRS=dirs,
+                ADD_PARTIAL=d > 0,
+                FINAL=d == dirs - 1,
+                STATE=state,
+                HAS_D=D is not None,
+                HAS_Z=z is not None,
+                HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=delta_softplus,
+                BLOCK_L=CHUNK,
+                BLOCK_E=block_e,
+                num_warps=warps,
+            )
+    # 3. The partial sums, added in a fixed order (deterministic; no atomics).
+    dB = dB_parts.sum(1).to(B.dtype)
+    dC = dC_parts.sum(1).to(C.dtype)
+    dA = dA_parts.sum(1).transpose(1, 2).contiguous().to(A.dtype)
+    dD = dD_parts.sum(1).to(D.dtype) if D is not None else None
+    dbias = dbias_parts.sum(1).to(delta_bias.dtype) if delta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
+# --- torch.library registration --------------------------------------------------------------
+# Absent optional gradients travel as empty tensors: custom ops return tensors only.
+
+
+def _or_empty(tensor: Optional[Tensor], like: Tensor) -> Tensor:
+    return tensor if tensor is not None else like.new_empty(0)
+
+
+@torch.library.custom_op("vimdet::scan_walk", mutates_args=())
+def _scan_walk_op(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    walk: List[int],
+) -> Tensor:
+    return _scan_walk_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk)
+
+
+@_scan_walk_op.register_fake
+def _scan_walk_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk):
+    dirs, batch, length, channels = u.shape
+    return u.new_empty((batch, length, channels))
+
+
+@torch.library.custom_op("vimdet::scan_walk_backward", mutates_args=())
+def _scan_walk_backward_op(
+    dout: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    walk: List[int],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_walk_backward(
+        dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk
+    )
+    return du, ddelta, dA, dB, dC, _or_empty(dD, u), _or_empty(dz, u), _or_empty(dbias, u)
+
+
+@_scan_walk_backward_op.register_fake
+def _scan_walk_backward_fake(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk):
+    def like(tensor):
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+
+    return (
+        like(u),
+        like(delta),
+        like(A),
+        like(B),
+        like(C),
+        like(D) if D is not None else u.new_empty(0),
+        like(z) if z is not None else u.new_empty(0),
+        like(delta_bias) if delta_bias is not None else u.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+    ctx.delta_softplus = delta_softplus
+    ctx.walk = walk
+
+
+def _backward(ctx, grad_out):
+    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_walk_backward_op(
+        grad_out, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.walk
+    )
+    return (
+        du,
+        ddelta,
+        dA,
+        dB,
+        dC,
+        dD if D is not None else None,
+        dz if z is not None else None,
+        dbias if delta_bias is not None else None,
+        None,
+        None,
+    )
+
+
+_scan_walk_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def scan_walk(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    walk: Optional[Sequence[int]] = None,
+) -> Tensor:
+    """The selective scan of one or two directions along ``walk`` (default: row-major).
+
+    Shapes in the module docstring; returns (batch, L, E) in u's dtype: the directions' outputs
+    averaged, each with its D skip, gated by SiLU(z).
+    """
+    if triton is None:
+        raise RuntimeError(TRITON_HINT)
+    walk = list(walk) if walk is not None else row_major_walk(u.shape[2])
+    A, D, delta_bias = (t.contiguous() if t is not None else None for t in (A, D, delta_bias))
+    try:
+        return _scan_walk_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk)
+    except (triton.CompilationError, triton.OutOfResources) as error:
+        raise RuntimeError(
+            f"the Triton selective scan failed to compile on {u.device} ({error}). Use another "
+            "backend for now (MODEL.VIM.SCAN_BACKEND chunked, or cuda with mamba-ssm; or "
+            "VIMDET_SCAN_BACKEND=chunked) and report the error with your GPU and Triton versions"
+        ) from error
+
+
+def scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """One direction with mamba-ssm's layout (u, delta, z (B, E, L); B, C (B, N, L)); the result
+    (B, E, L) is a transposed view of the kernel's token-major output."""
+    out = scan_walk(
+        u.transpose(1, 2)[None],
+        delta.transpose(1, 2)[None],
+        A[None],
+        B.transpose(1, 2)[None],
+        C.transpose(1, 2)[None],
+        None if D is None else D[None],
+        None if z is None else z.transpose(1, 2),
+        None if delta_bias is None else delta_bias[None],
+        delta_softplus,
+    )
+    return out.transpose(1, 2)

@@ -1,0 +1,708 @@
+"""Triton kernels of the chunked selective scan (Gu & Dao, arXiv 2312.00752), 1 or 2 directions.
+
+The scan of one direction, for each batch b, channel e and state n, dt = softplus(delta + bias):
+
+    h[t] = exp(dt[t] * A) * h[t-1] + dt[t] * u[t] * B[t]      y[t] = C[t] . h[t] + D * u[t]
+
+Walk positions p = 0 .. L-1 are mapped to tokens by an affine two-level walk (``_walk_token``), so
+that a kernel reads token-major tensors in place for row-major and column-major orders alike.
+Direction 0 scans the positions upwards, direction 1 downwards (Vim's backward branch, no flips).
+The positions are cut into chunks of BLOCK_L; a program owns one chunk of BLOCK_E channels of one
+batch element, for every direction, and loops over the N states. Chunks are joined by their carries:
+
+1. ``chunk_state_kernel``: each chunk's end state from a zero start, and its summed dt.
+2. ``chunk_carry_kernel``: the state entering every chunk, chained in walk order (also used for the
+   adjoint carries of the backward pass, chained the other way).
+3. ``scan_output_kernel``: each chunk scanned from its entering state (``tl.associative_scan`` over
+   (decay, drive) pairs), summed over states and directions, the D skip and SiLU(z) gate fused in.
+4. ``chunk_adjoint_kernel`` and ``scan_backward_kernel``: the backward pass, which recomputes the
+   states inside a chunk from the saved chunk carries instead of storing (B, L, E, N) states.
+
+Every decay is exp2 of a non-positive exponent (A < 0, dt >= 0): nothing is divided by a cumulative
+decay. All arithmetic is fp32; tensors are read and written in their own dtypes.
+"""
+
+import triton
+import triton.language as tl
+
+__all__ = [
+    "chunk_adjoint_kernel",
+    "chunk_carry_kernel",
+    "chunk_state_kernel",
+    "scan_backward_kernel",
+    "scan_output_kernel",
+]
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _combine(decay_left, value_left, decay_right, value_right):
+    """Compose two steps of h -> decay * h + value; ``left`` comes first in scan order."""
+    return decay_left * decay_right, value_left * decay_right + value_right
+
+
+@triton.jit
+def _scan_rows(decay, value, REVERSE: tl.constexpr):
+    """h[t] = decay[t] * h[t -/+ 1] + value[t] down the rows (``REVERSE``: up from the last row),
+    with the cumulative decays. A reverse scan is a forward scan of the flipped tiles: Triton lowers
+    reverse scans through warp shuffles, flips of rows a thread holds through register moves."""
+    if REVERSE:
+        cumulative, h = tl.associative_scan(
+            (tl.flip(decay, 0), tl.flip(value, 0)), axis=0, combine_fn=_combine
+        )
+        return tl.flip(cumulative, 0), tl.flip(h, 0)
+    return tl.associative_scan((decay, value), axis=0, combine_fn=_combine)
+
+
+@triton.jit
+def _cumsum_rows(x, REVERSE: tl.constexpr):
+    """Inclusive sum down the rows (``REVERSE``: up), by flips as in ``_scan_rows``."""
+    if REVERSE:
+        return tl.flip(tl.cumsum(tl.flip(x, 0), axis=0), 0)
+    return tl.cumsum(x, axis=0)
+
+
+@triton.jit
+def _walk_token(pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride):
+    """Token index of walk position ``pos``: start + (pos % inner) * inner_stride + (pos // inner)
+    * outer_stride. Row-major is (0, L, 1, 0); column-major over an H x W grid is (0, H, W, 1)."""
+    return (
+        walk_start
+        + (pos % walk_inner) * walk_inner_stride
+        + (pos // walk_inner) * walk_outer_stride
+    )
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _load_dt(
+    delta_ptr,
+    bias_ptr,
+    tok,
+    rows_ok,
+    offs_e,
+    e_ok,
+    stride_l,
+    stride_e,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+):
+    """dt = softplus(delta + bias) as fp32 (BLOCK_L, BLOCK_E), 0 on rows past the sequence; also
+    returns delta + bias (for the softplus gradient)."""
+    mask = rows_ok[:, None] & e_ok[None, :]
+    pre = tl.load(
+        delta_ptr + tok[:, None] * stride_l + offs_e[None, :] * stride_e, mask=mask, other=0.0
+    ).to(tl.float32)
+    if HAS_BIAS:
+        pre += tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+    dt = pre
+    if SOFTPLUS:
+        dt = tl.where(pre <= 20.0, tl.log(1.0 + tl.exp(pre)), pre)
+    return tl.where(mask, dt, 0.0), pre
+
+
+@triton.jit
+def _load_tile(ptr, tok, rows_ok, offs_e, e_ok, stride_l, stride_e):
+    mask = rows_ok[:, None] & e_ok[None, :]
+    return tl.load(
+        ptr + tok[:, None] * stride_l + offs_e[None, :] * stride_e, mask=mask, other=0.0
+    ).to(tl.float32)
+
+
+@triton.jit
+def _gate_grad(
+    dout, z_ptr, tok, rows_ok, offs_e, e_ok, stride_z_l, stride_z_e, scale, HAS_Z: tl.constexpr
+):
+    """dy = dout * scale * silu(z) (the gradient of every direction's ungated output) and z."""
+    dy = dout * scale
+    zt = dout
+    if HAS_Z:
+        zt = _load_tile(z_ptr, tok, rows_ok, offs_e, e_ok, stride_z_l, stride_z_e)
+        dy = dy * zt * _sigmoid(zt)
+    return dy, zt
+
+
+@triton.jit
+def _state_column(ptr, offsets, ok, n, stride_n, STATE: tl.constexpr):
+    """Column n of a (rows, N) tensor as fp32, zeros once n reaches STATE. The loops over states
+    load column n + 1 while they compute with column n: the loads' latency is then hidden."""
+    return tl.load(ptr + offsets + n * stride_n, mask=ok & (n < STATE), other=0.0).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["s_u_e", "s_dl_e"])
+def chunk_state_kernel(
+    u_ptr,
+    delta_ptr,
+    bias_ptr,
+    A_ptr,
+    B_ptr,
+    state_ptr,
+    logsum_ptr,
+    length,
+    channels,
+    batch,
+    walk_start,
+    walk_inner,
+    walk_inner_stride,
+    walk_outer_stride,
+    s_u_dir,
+    s_u_b,
+    s_u_l,
+    s_u_e,
+    s_dl_dir,
+    s_dl_b,
+    s_dl_l,
+    s_dl_e,
+    s_bias_dir,
+    s_A_dir,
+    s_A_e,
+    s_A_n,
+    s_B_dir,
+    s_B_b,
+    s_B_l,
+    s_B_n,
+    NUM_DIRS: tl.constexpr,
+    STATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """Per chunk and direction: the state leaving the chunk when it is entered with zero state,
+    ``state`` (batch, dirs, chunks, N, E), and the chunk's summed dt, ``logsum`` (batch, dirs,
+    chunks, E), so that the chunk maps an entering state h to exp(A * logsum) * h + state."""
+    chunk = tl.program_id(0)
+    e_block = tl.program_id(1)
+    b = tl.program_id(2)
+    n_chunks = tl.num_programs(0)
+    pos = chunk * BLOCK_L + tl.arange(0, BLOCK_L)
+    rows_ok = pos < length
+    tok = _walk_token(pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride)
+    offs_e = e_block * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = offs_e < channels
+    for d in tl.static_range(NUM_DIRS):
+        dt, _ = _load_dt(
+            delta_ptr + d * s_dl_dir + b.to(tl.int64) * s_dl_b,
+            bias_ptr + d * s_bias_dir,
+            tok,
+            rows_ok,
+            offs_e,
+            e_ok,
+            s_dl_l,
+            s_dl_e,
+            HAS_BIAS,
+            SOFTPLUS,
+        )
+        u = _load_tile(
+            u_ptr + d * s_u_dir + b.to(tl.int64) * s_u_b, tok, rows_ok, offs_e, e_ok, s_u_l, s_u_e
+        )
+        dtu = dt * u
+        # Summed dt of the positions after each one in this direction's walk order.
+        total = tl.sum(dt, axis=0)
+        after = total[None, :] - _cumsum_rows(dt, d == 1)
+        out_row = (b * NUM_DIRS + d) * n_chunks + chunk
+        a_ptr, a_offs = A_ptr + d * s_A_dir, offs_e * s_A_e
+        b_ptr, b_offs = B_ptr + d * s_B_dir + b.to(tl.int64) * s_B_b, tok * s_B_l
+        a_next = _state_column(a_ptr, a_offs, e_ok, 0, s_A_n, STATE)
+        bn_next = _state_column(b_ptr, b_offs, rows_ok, 0, s_B_n, STATE)
+        for n in range(STATE):
+            a2, bn = a_next * LOG2E, bn_next
+            a_next = _state_column(a_ptr, a_offs, e_ok, n + 1, s_A_n, STATE)
+            bn_next = _state_column(b_ptr, b_offs, rows_ok, n + 1, s_B_n, STATE)
+            state = tl.sum(tl.exp2(after * a2[None, :]) * dtu * bn[:, None], axis=0)
+            tl.store(state_ptr + (out_row * STATE + n) * channels + offs_e, state, mask=e_ok)
+        tl.store(logsum_ptr + out_row * channels + offs_e, total, mask=e_ok)
+
+
+@triton.jit
+def chunk_carry_kernel(
+    state_ptr,
+    logsum_ptr,
+    A_ptr,
+    carry_ptr,
+    n_chunks,
+    channels,
+    s_A_dir,
+    s_A_e,
+    s_A_n,
+    NUM_DIRS: tl.constexpr,
+    STATE: tl.constexpr,
+    DIR0_DOWN: tl.constexpr,
+    CHUNK_TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Chain the chunks: carry[c] = the value entering chunk c; leaving it is
+    exp(A * logsum[c]) * carry[c] + state[c]. Direction 0 runs up the chunks and direction 1 down
+    (``DIR0_DOWN`` swaps them, for adjoints). Each step scans CHUNK_TILE chunks at once
+    (``tl.associative_scan``), reading the chunk before each one in chaining order, so that the
+    scan yields the values entering them. Grid: (cdiv(N * E, BLOCK), batch * dirs)."""
+    pid = tl.program_id(0)
+    row = tl.program_id(1)
+    d = row % NUM_DIRS
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < STATE * channels
+    n = idx // channels
+    e = idx % channels
+    a2 = tl.load(A_ptr + d * s_A_dir + e * s_A_e + n * s_A_n, mask=ok, other=0.0)
+    a2 = a2.to(tl.float32) * LOG2E
+    if DIR0_DOWN:
+        down = (d == 0).to(tl.int32)
+    else:
+        down = (d == 1).to(tl.int32)
+    rows = tl.arange(0, CHUNK_TILE)
+    carry = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_chunks, CHUNK_TILE):
+        step = start + rows  # positions in chaining order
+        before = step - 1  # the chunk whose leaving value enters this one
+        before_ok = (before >= 0) & (step < n_chunks)
+        chunk = step + down * (n_chunks - 1 - 2 * step)
+        chunk_before = before + down * (n_chunks - 1 - 2 * before)
+        slab = (row * n_chunks + chunk_before).to(tl.int64)
+        mask = before_ok[:, None] & ok[None, :]
+        state = tl.load(
+            state_ptr + slab[:, None] * STATE * channels + idx[None, :], mask=mask, other=0.0
+        )
+        logsum = tl.load(logsum_ptr + slab[:, None] * channels + e[None, :], mask=mask, other=0.0)
+        cumulative, entering = tl.associative_scan(
+            (tl.exp2(a2[None, :] * logsum), state), axis=0, combine_fn=_combine
+        )
+        entering += cumulative * carry[None, :]
+        slab = (row * n_chunks + chunk).to(tl.int64)
+        tl.store(
+            carry_ptr + slab[:, None] * STATE * channels + idx[None, :],
+            entering,
+            mask=(step < n_chunks)[:, None] & ok[None, :],
+        )
+        carry = tl.sum(tl.where(rows[:, None] == CHUNK_TILE - 1, entering, 0.0), axis=0)
+
+
+@triton.jit(do_not_specialize=["s_u_e", "s_dl_e", "s_z_e", "s_o_e"])
+def scan_output_kernel(
+    u_ptr,
+    delta_ptr,
+    bias_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    carry_ptr,
+    partial_ptr,
+    out_ptr,
+    length,
+    channels,
+    walk_start,
+    walk_inner,
+    walk_inner_stride,
+    walk_outer_stride,
+    s_u_b,
+    s_u_l,
+    s_u_e,
+    s_dl_b,
+    s_dl_l,
+    s_dl_e,
+    s_A_e,
+    s_A_n,
+    s_B_b,
+    s_B_l,
+    s_B_n,
+    s_C_b,
+    s_C_l,
+    s_C_n,
+    s_z_b,
+    s_z_l,
+    s_z_e,
+    s_carry_b,
+    s_o_b,
+    s_o_l,
+    s_o_e,
+    REVERSE: tl.constexpr,
+    NUM_DIRS: tl.constexpr,
+    ADD_PARTIAL: tl.constexpr,
+    FINAL: tl.constexpr,
+    STATE: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """One direction's C . h + D * u over a chunk (``REVERSE``: walking down), plus the earlier
+    directions' sum from ``partial`` (batch, L, E) fp32 if ``ADD_PARTIAL``. The last direction
+    (``FINAL``) writes the mean over directions times SiLU(z) to ``out``; the others write their
+    sum to ``partial``. Pointers are those of this direction. Grid: (chunks, E blocks, batch)."""
+    chunk = tl.program_id(0)
+    e_block = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    pos = chunk * BLOCK_L + tl.arange(0, BLOCK_L)
+    rows_ok = pos < length
+    tok = _walk_token(pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride)
+    offs_e = e_block * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = offs_e < channels
+    mask = rows_ok[:, None] & e_ok[None, :]
+    dt, _ = _load_dt(
+        delta_ptr + b * s_dl_b,
+        bias_ptr,
+        tok,
+        rows_ok,
+        offs_e,
+        e_ok,
+        s_dl_l,
+        s_dl_e,
+        HAS_BIAS,
+        SOFTPLUS,
+    )
+    u = _load_tile(u_ptr + b * s_u_b, tok, rows_ok, offs_e, e_ok, s_u_l, s_u_e)
+    dtu = dt * u
+    y = tl.zeros_like(dtu)
+    carry_ptr += b * s_carry_b + chunk * STATE * channels
+    B_ptr += b * s_B_b
+    C_ptr += b * s_C_b
+    a_next = _state_column(A_ptr, offs_e * s_A_e, e_ok, 0, s_A_n, STATE)
+    bn_next = _state_column(B_ptr, tok * s_B_l, rows_ok, 0, s_B_n, STATE)
+    cn_next = _state_column(C_ptr, tok * s_C_l, rows_ok, 0, s_C_n, STATE)
+    entering_next = _state_column(carry_ptr, offs_e, e_ok, 0, channels, STATE)
+    for n in range(STATE):
+        a2, bn, cn, entering = a_next * LOG2E, bn_next, cn_next, entering_next
+        a_next = _state_column(A_ptr, offs_e * s_A_e, e_ok, n + 1, s_A_n, STATE)
+        bn_next = _state_column(B_ptr, tok * s_B_l, rows_ok, n + 1, s_B_n, STATE)
+        cn_next = _state_column(C_ptr, tok * s_C_l, rows_ok, n + 1, s_C_n, STATE)
+        entering_next = _state_column(carry_ptr, offs_e, e_ok, n + 1, channels, STATE)
+        cumulative, h = _scan_rows(tl.exp2(dt * a2[None, :]), dtu * bn[:, None], REVERSE)
+        y += (h + cumulative * entering[None, :]) * cn[:, None]
+    if HAS_D:
+        y += u * tl.load(D_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+    partial_ptrs = partial_ptr + (b * length + tok[:, None]) * channels + offs_e[None, :]
+    if ADD_PARTIAL:
+        y += tl.load(partial_ptrs, mask=mask, other=0.0)
+    if FINAL:
+        y = y * (1.0 / NUM_DIRS)
+        if HAS_Z:
+            zt = _load_tile(z_ptr + b * s_z_b, tok, rows_ok, offs_e, e_ok, s_z_l, s_z_e)
+            y = y * zt * _sigmoid(zt)
+        tl.store(
+            out_ptr + b * s_o_b + tok[:, None] * s_o_l + offs_e[None, :] * s_o_e,
+            y.to(out_ptr.dtype.element_ty),
+            mask=mask,
+        )
+    else:
+        tl.store(partial_ptrs, y, mask=mask)
+
+
+@triton.jit(do_not_specialize=["s_do_e", "s_z_e", "s_dl_e"])
+def chunk_adjoint_kernel(
+    dout_ptr,
+    z_ptr,
+    delta_ptr,
+    bias_ptr,
+    A_ptr,
+    C_ptr,
+    state_ptr,
+    logsum_ptr,
+    length,
+    channels,
+    batch,
+    walk_start,
+    walk_inner,
+    walk_inner_stride,
+    walk_outer_stride,
+    s_do_b,
+    s_do_l,
+    s_do_e,
+    s_z_b,
+    s_z_l,
+    s_z_e,
+    s_dl_dir,
+    s_dl_b,
+    s_dl_l,
+    s_dl_e,
+    s_bias_dir,
+    s_A_dir,
+    s_A_e,
+    s_A_n,
+    s_C_dir,
+    s_C_b,
+    s_C_l,
+    s_C_n,
+    NUM_DIRS: tl.constexpr,
+    STATE: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """Per chunk and direction, the adjoint of the state (g[t] = dy[t] C[t] + decay[t'] g[t'],
+    t' the position after t in the walk) at the chunk's first walk position when nothing enters from
+    the later chunks, and the summed dt that carries an entering adjoint to that position. Layouts
+    as in ``chunk_state_kernel``; the adjoints are then chained by ``chunk_carry_kernel``."""
+    chunk = tl.program_id(0)
+    e_block = tl.program_id(1)
+    b = tl.program_id(2)
+    n_chunks = tl.num_programs(0)
+    pos = chunk * BLOCK_L + tl.arange(0, BLOCK_L)
+    rows_ok = pos < length
+    tok = _walk_token(pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride)
+    offs_e = e_block * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = offs_e < channels
+    b64 = b.to(tl.int64)
+    dout = _load_tile(dout_ptr + b64 * s_do_b, tok, rows_ok, offs_e, e_ok, s_do_l, s_do_e)
+    dy, _ = _gate_grad(
+        dout, z_ptr + b64 * s_z_b, tok, rows_ok, offs_e, e_ok, s_z_l, s_z_e, 1.0 / NUM_DIRS, HAS_Z
+    )
+    for d in tl.static_range(NUM_DIRS):
+        delta_d = delta_ptr + d * s_dl_dir + b64 * s_dl_b
+        dt, _ = _load_dt(
+            delta_d,
+            bias_ptr + d * s_bias_dir,
+            tok,
+            rows_ok,
+            offs_e,
+            e_ok,
+            s_dl_l,
+            s_dl_e,
+            HAS_BIAS,
+            SOFTPLUS,
+        )
+        # The chunk's first position in walk order, and the one whose adjoint enters the chunk (the
+        # first of the next chunk in walk order).
+        if d == 0:
+            first_pos = chunk * BLOCK_L
+            entry_pos = chunk * BLOCK_L + BLOCK_L
+        else:
+            first_pos = chunk * BLOCK_L + BLOCK_L - 1
+            entry_pos = chunk * BLOCK_L - 1
+        edge_pos = tl.arange(0, 2) * (entry_pos - first_pos) + first_pos
+        edge_ok = (edge_pos >= 0) & (edge_pos < length)
+        edge_tok = _walk_token(
+            edge_pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride
+        )
+        edge_dt, _ = _load_dt(
+            delta_d,
+            bias_ptr + d * s_bias_dir,
+            edge_tok,
+            edge_ok,
+            offs_e,
+            e_ok,
+            s_dl_l,
+            s_dl_e,
+            HAS_BIAS,
+            SOFTPLUS,
+        )
+        is_first = (tl.arange(0, 2) == 0)[:, None]
+        first_dt = tl.sum(tl.where(is_first, edge_dt, 0.0), axis=0)
+        entry_dt = tl.sum(tl.where(is_first, 0.0, edge_dt), axis=0)
+        # Summed dt from the first walk position (exclusive) to each one (inclusive).
+        since_first = _cumsum_rows(dt, d == 1) - first_dt[None, :]
+        out_row = (b * NUM_DIRS + d) * n_chunks + chunk
+        a_ptr, a_offs = A_ptr + d * s_A_dir, offs_e * s_A_e
+        c_ptr, c_offs = C_ptr + d * s_C_dir + b64 * s_C_b, tok * s_C_l
+        a_next = _state_column(a_ptr, a_offs, e_ok, 0, s_A_n, STATE)
+        cn_next = _state_column(c_ptr, c_offs, rows_ok, 0, s_C_n, STATE)
+        for n in range(STATE):
+            a2, cn = a_next * LOG2E, cn_next
+            a_next = _state_column(a_ptr, a_offs, e_ok, n + 1, s_A_n, STATE)
+            cn_next = _state_column(c_ptr, c_offs, rows_ok, n + 1, s_C_n, STATE)
+            adjoint = tl.sum(tl.exp2(since_first * a2[None, :]) * dy * cn[:, None], axis=0)
+            tl.store(state_ptr + (out_row * STATE + n) * channels + offs_e, adjoint, mask=e_ok)
+        logsum = tl.sum(dt, axis=0) - first_dt + entry_dt
+        tl.store(logsum_ptr + out_row * channels + offs_e, logsum, mask=e_ok)
+
+
+@triton.jit(do_not_specialize=["s_do_e", "s_u_e", "s_dl_e", "s_z_e", "s_du_e", "s_dd_e", "s_dz_e"])
+def scan_backward_kernel(
+    dout_ptr,
+    u_ptr,
+    delta_ptr,
+    bias_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    carry_ptr,
+    adj_carry_ptr,
+    partial_ptr,
+    du_ptr,
+    ddelta_ptr,
+    dz_ptr,
+    dB_part_ptr,
+    dC_part_ptr,
+    dA_part_ptr,
+    dD_part_ptr,
+    dbias_part_ptr,
+    length,
+    channels,
+    walk_start,
+    walk_inner,
+    walk_inner_stride,
+    walk_outer_stride,
+    s_do_b,
+    s_do_l,
+    s_do_e,
+    s_u_b,
+    s_u_l,
+    s_u_e,
+    s_dl_b,
+    s_dl_l,
+    s_dl_e,
+    s_A_e,
+    s_A_n,
+    s_B_b,
+    s_B_l,
+    s_B_n,
+    s_C_b,
+    s_C_l,
+    s_C_n,
+    s_z_b,
+    s_z_l,
+    s_z_e,
+    s_carry_b,
+    s_du_b,
+    s_du_l,
+    s_du_e,
+    s_dd_b,
+    s_dd_l,
+    s_dd_e,
+    s_dz_b,
+    s_dz_l,
+    s_dz_e,
+    s_dBp_blk,
+    s_dBp_b,
+    s_dBp_l,
+    s_dAp_row,
+    REVERSE: tl.constexpr,
+    NUM_DIRS: tl.constexpr,
+    ADD_PARTIAL: tl.constexpr,
+    FINAL: tl.constexpr,
+    STATE: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """Gradients of one direction of ``scan_output_kernel`` over a chunk of BLOCK_E channels.
+
+    du and ddelta are written whole. dB and dC are summed over this program's channels into
+    partials (E blocks, batch, L, N); dA, dD and dbias over its positions into partials
+    (batch * chunks, ...): the caller adds them up in a fixed order, without atomics. dz needs
+    every direction's ungated output: it is summed through ``partial`` as in the forward, and
+    the ``FINAL`` direction writes dz. Pointers are those of this direction.
+    """
+    chunk = tl.program_id(0)
+    e_block = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n_chunks = tl.num_programs(0)
+    pos = chunk * BLOCK_L + tl.arange(0, BLOCK_L)
+    rows_ok = pos < length
+    tok = _walk_token(pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride)
+    offs_e = e_block * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = offs_e < channels
+    mask = rows_ok[:, None] & e_ok[None, :]
+    dout = _load_tile(dout_ptr + b * s_do_b, tok, rows_ok, offs_e, e_ok, s_do_l, s_do_e)
+    dy, zt = _gate_grad(
+        dout, z_ptr + b * s_z_b, tok, rows_ok, offs_e, e_ok, s_z_l, s_z_e, 1.0 / NUM_DIRS, HAS_Z
+    )
+    delta_ptr += b * s_dl_b
+    dt, pre = _load_dt(
+        delta_ptr, bias_ptr, tok, rows_ok, offs_e, e_ok, s_dl_l, s_dl_e, HAS_BIAS, SOFTPLUS
+    )
+    # dt of the next walk position: its decay carries the adjoint back to this one.
+    if REVERSE:
+        next_pos = pos - 1
+    else:
+        next_pos = pos + 1
+    next_ok = (next_pos >= 0) & (next_pos < length)
+    next_tok = _walk_token(next_pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride)
+    next_dt, _ = _load_dt(
+        delta_ptr, bias_ptr, next_tok, next_ok, offs_e, e_ok, s_dl_l, s_dl_e, HAS_BIAS, SOFTPLUS
+    )
+    u = _load_tile(u_ptr + b * s_u_b, tok, rows_ok, offs_e, e_ok, s_u_l, s_u_e)
+    dtu = dt * u
+    y = tl.zeros_like(dtu)
+    d_dtu = tl.zeros_like(dtu)
+    d_dt = tl.zeros_like(dtu)
+    carry_ptr += b * s_carry_b + chunk * STATE * channels
+    adj_carry_ptr += b * s_carry_b + chunk * STATE * channels
+    part_row = b * n_chunks + chunk
+    dB_part_ptr += e_block * s_dBp_blk + b * s_dBp_b
+    dC_part_ptr += e_block * s_dBp_blk + b * s_dBp_b
+    B_ptr += b * s_B_b
+    C_ptr += b * s_C_b
+    a_next = _state_column(A_ptr, offs_e * s_A_e, e_ok, 0, s_A_n, STATE)
+    bn_next = _state_column(B_ptr, tok * s_B_l, rows_ok, 0, s_B_n, STATE)
+    cn_next = _state_column(C_ptr, tok * s_C_l, rows_ok, 0, s_C_n, STATE)
+    entering_next = _state_column(carry_ptr, offs_e, e_ok, 0, channels, STATE)
+    adj_entering_next = _state_column(adj_carry_ptr, offs_e, e_ok, 0, channels, STATE)
+    for n in range(STATE):
+        a, bn, cn = a_next, bn_next, cn_next
+        entering, adj_entering = entering_next, adj_entering_next
+        a_next = _state_column(A_ptr, offs_e * s_A_e, e_ok, n + 1, s_A_n, STATE)
+        bn_next = _state_column(B_ptr, tok * s_B_l, rows_ok, n + 1, s_B_n, STATE)
+        cn_next = _state_column(C_ptr, tok * s_C_l, rows_ok, n + 1, s_C_n, STATE)
+        entering_next = _state_column(carry_ptr, offs_e, e_ok, n + 1, channels, STATE)
+        adj_entering_next = _state_column(adj_carry_ptr, offs_e, e_ok, n + 1, channels, STATE)
+        a2 = a * LOG2E
+        drive = dtu * bn[:, None]
+        cumulative, h = _scan_rows(tl.exp2(dt * a2[None, :]), drive, REVERSE)
+        h += cumulative * entering[None, :]
+        cumulative, g = _scan_rows(tl.exp2(next_dt * a2[None, :]), dy * cn[:, None], not REVERSE)
+        g += cumulative * adj_entering[None, :]
+        if HAS_Z:
+            y += h * cn[:, None]
+        # d log(decay[t]) = g[t] * decay[t] * h[t-1] = g[t] * (h[t] - drive[t]).
+        d_log_decay = g * (h - drive)
+        d_dt += d_log_decay * a[None, :]
+        d_dtu += g * bn[:, None]
+        tl.store(
+            dA_part_ptr + part_row * s_dAp_row + n * channels + offs_e,
+            tl.sum(d_log_decay * dt, axis=0),
+            mask=e_ok,
+        )
+        tl.store(dB_part_ptr + tok * s_dBp_l + n, tl.sum(g * dtu, axis=1), mask=rows_ok)
+        tl.store(dC_part_ptr + tok * s_dBp_l + n, tl.sum(dy * h, axis=1), mask=rows_ok)
+    du = d_dtu * dt
+    if HAS_D:
+        skip = tl.load(D_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+        y += u * skip[None, :]
+        du += dy * skip[None, :]
+        tl.store(dD_part_ptr + part_row * channels + offs_e, tl.sum(dy * u, axis=0), mask=e_ok)
+    d_pre = d_dt + d_dtu * u
+    if SOFTPLUS:
+        d_pre = d_pre * _sigmoid(pre)
+    d_pre = tl.where(mask, d_pre, 0.0)
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + part_row * channels + offs_e, tl.sum(d_pre, axis=0), mask=e_ok)
+    tl.store(
+        du_ptr + b * s_du_b + tok[:, None] * s_du_l + offs_e[None, :] * s_du_e,
+        du.to(du_ptr.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(
+        ddelta_ptr + b * s_dd_b + tok[:, None] * s_dd_l + offs_e[None, :] * s_dd_e,
+        d_pre.to(ddelta_ptr.dtype.element_ty),
+        mask=mask,
+    )
+    if HAS_Z:
+        partial_ptrs = partial_ptr + (b * length + tok[:, None]) * channels + offs_e[None, :]
+        if ADD_PARTIAL:
+            y += tl.load(partial_ptrs, mask=mask, other=0.0)
+        if FINAL:
+            # out = y / dirs * silu(z), and d silu(z) / dz = s * (1 + z * (1 - s)), s = sigmoid(z).
+            sig = _sigmoid(zt)
+            dz = dout * (y * (1.0 / NUM_DIRS)) * sig * (1.0 + zt * (1.0 - sig))
+            tl.store(
+                dz_ptr + b * s_dz_b + tok[:, None] * s_dz_l + offs_e[None, :] * s_dz_e,
+                dz.to(dz_ptr.dtype.element_ty),
+                mask=mask,
+            )
+        else:
+            tl.store(partial_ptrs, y, mask=mask)
