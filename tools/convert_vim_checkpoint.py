@@ -7,16 +7,25 @@
 Keeps every trunk tensor under ``backbone.net.`` (the detector's names), drops ``head``,
 ``norm_f``, the class token and its position row, and keeps the 14x14 position grid (resized to
 each input's token grid at run time). Prints what it kept and dropped.
+
+The input is read with ``weights_only=True`` (a file that would run code is refused), the output
+may not be the input (in any spelling: symlink, hard link), and it is written atomically.
 """
 
 import argparse
 import os
 import sys
 
-import torch
-
 from vimdet.checkpoint import load_checkpoint_file
+from vimdet.checkpoint.io import READ_ERRORS, atomic_save
 from vimdet.modeling import TRUNK_PREFIX, VIM_SIZES, convert_vim_state_dict
+
+
+def same_file(first: str, second: str) -> bool:
+    """True if both paths name one file (same path, a symlink or a hard link to it)."""
+    if os.path.exists(first) and os.path.exists(second):
+        return os.path.samefile(first, second)
+    return os.path.realpath(first) == os.path.realpath(second)
 
 
 def main(argv=None) -> int:
@@ -32,16 +41,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     expected_dim = VIM_SIZES[args.size]["embed_dim"] if args.size else None
+    if same_file(args.input, args.output):
+        print(
+            f"convert_vim_checkpoint: --output {args.output!r} is the --input file; writing it "
+            "would destroy the released checkpoint. Choose another --output path",
+            file=sys.stderr,
+        )
+        return 1
     try:
         state = load_checkpoint_file(args.input)
         trunk, report = convert_vim_state_dict(state, expected_dim=expected_dim)
-    except (FileNotFoundError, ValueError) as error:
+    except READ_ERRORS as error:
         print(f"convert_vim_checkpoint: {error}", file=sys.stderr)
         return 1
     width = trunk["patch_embed.proj.weight"].shape[0]
     depth = len({key.split(".")[1] for key in trunk if key.startswith("layers.")})
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    torch.save(
+    atomic_save(
         {
             "model": {TRUNK_PREFIX + key: value for key, value in trunk.items()},
             "__author__": "vimdet",

@@ -56,9 +56,18 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = VimDetTrainer.build_model(cfg)
-        VimDetCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
+        checkpointer = VimDetCheckpointer(
+            model,
+            save_dir=cfg.OUTPUT_DIR,
+            allow_partial_trunk=cfg.MODEL.VIM.ALLOW_PARTIAL_WEIGHTS,
         )
+        if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
+            raise ValueError(
+                "--eval-only needs trained weights, and MODEL.WEIGHTS is empty: it would score "
+                "an untrained model. Add MODEL.WEIGHTS path/to/model_final.pth (or --resume "
+                "to evaluate the last checkpoint in OUTPUT_DIR)"
+            )
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = VimDetTrainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

@@ -1,5 +1,7 @@
 """Released-layout Vim checkpoints convert and load with every trunk tensor matched, or fail."""
 
+import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ from detectron2.modeling import build_model
 import vimdet  # noqa: F401
 from vimdet import add_vimdet_config
 from vimdet.checkpoint import VimDetCheckpointer, load_checkpoint_file
-from vimdet.modeling import TRUNK_PREFIX, VisionMamba
+from vimdet.modeling import TRUNK_PREFIX, VisionMamba, convert_vim_state_dict
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -149,12 +151,33 @@ def test_not_a_vim_checkpoint(tmp_path):
     assert "not a Vim checkpoint" in result.stderr and "conv1.weight" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "key, shape, message",
+    [
+        ("pos_embed", (1, 0, DIM), f"pos_embed is (1, 0, {DIM}), not (1, tokens, width)"),
+        ("patch_embed.proj.weight", (), "patch_embed.proj.weight is (), not (width, 3, P, P)"),
+    ],
+    ids=["empty-grid", "0-dim-patch"],
+)
+def test_malformed_released_layout_is_named(tmp_path, key, shape, message):
+    state, _ = released_state_dict()
+    state[key] = torch.zeros(shape)
+    path = tmp_path / "vim.pth"
+    torch.save({"model": state}, path)
+    model = build_model(detector_cfg())
+    with pytest.raises(ValueError, match=re.escape(message)) as caught:
+        VimDetCheckpointer(model).load(str(path))
+    assert str(path) in str(caught.value)
+    with pytest.raises(ValueError, match="not a Vim checkpoint ViMDet can load"):
+        convert_vim_state_dict(state)
+
+
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint_file(str(tmp_path / "nowhere.pth"))
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a torch file at all")
-    with pytest.raises(ValueError, match="could not be read by torch.load"):
+    with pytest.raises(pickle.UnpicklingError, match="is not a PyTorch checkpoint"):
         load_checkpoint_file(str(broken))
 
 

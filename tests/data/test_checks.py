@@ -31,20 +31,28 @@ def test_corrupt_image_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content, error",
+    "content, error, kind, hint",
     [
-        ("", "JSONDecodeError"),
-        ('{"images": [', "JSONDecodeError"),
-        (json.dumps({"images": [], "annotations": [], "categories": []}), "ValueError"),
+        ("", "JSONDecodeError", ValueError, "not complete JSON"),
+        ('{"images": [', "JSONDecodeError", ValueError, "not complete JSON"),
+        (
+            json.dumps({"images": [], "annotations": [], "categories": []}),
+            "ValueError",
+            ValueError,
+            "",
+        ),
         (
             json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}),
             "AssertionError",
+            AssertionError,
+            "",
         ),
-        (None, "FileNotFoundError"),
+        (None, "FileNotFoundError", FileNotFoundError, "see datasets/README.md"),
     ],
     ids=["empty", "truncated", "no-categories", "no-images", "missing"],
 )
-def test_bad_annotation_files_name_the_json(tmp_path, content, error):
+def test_bad_annotation_files_name_the_json(tmp_path, content, error, kind, hint):
+    """The error keeps its type and cause; a hint comes only for a cause that is certain."""
     path = tmp_path / "instances.json"
     if content is not None:
         path.write_text(content)
@@ -53,7 +61,11 @@ def test_bad_annotation_files_name_the_json(tmp_path, content, error):
     cfg = mapper_cfg()
     cfg.DATASETS.TRAIN = (name,)
     try:
-        with pytest.raises(ValueError, match=rf"{name} \(.*instances.json\): {error}"):
+        with pytest.raises(kind, match=rf"{name} \(.*instances.json\): {error}") as caught:
             explain_dataset_errors([name], lambda: build_detection_train_loader(cfg))
+        assert type(caught.value.__cause__).__name__ == error
+        assert hint in str(caught.value)
+        if not hint:
+            assert "README" not in str(caught.value) and "JSON" not in str(caught.value)
     finally:
         DatasetCatalog.remove(name)

@@ -133,10 +133,13 @@ def test_demo_draws_pngs(trained):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["MODEL.VIM.EMBED_DIMS", "64"], "MODEL.VIM.EMBED_DIMS (in "),
+        (["MODEL.VIM.EMBED_DIMS", "64"], "Did you mean MODEL.VIM.EMBED_DIM?"),
         (["MODEL.DEVICE", "cuda"], "add `MODEL.DEVICE cpu` to the command line"),
         (["DATASETS.TRAIN", "('no_such_dataset',)"], "no_such_dataset"),
+        (["MODEL.DEVICE", "cpu", "--resume"], "'--resume' comes after the KEY VALUE config"),
+        (["--eval-only"], "--eval-only needs trained weights, and MODEL.WEIGHTS is empty"),
     ],
+    ids=["misspelled-key", "cuda", "dataset", "flag-after-overrides", "eval-without-weights"],
 )
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda case needs a machine without GPU")
 def test_bad_input_is_reported(tmp_path, args, message):

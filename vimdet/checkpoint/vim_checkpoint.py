@@ -7,11 +7,8 @@ What a released Vim file holds and how it maps onto the trunk is model knowledge
 from __future__ import annotations
 
 import logging
-import os
-import pickle
-from typing import Dict, Mapping
+from typing import Dict
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import Tensor
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
@@ -24,37 +21,20 @@ from vimdet.modeling.vim_weights import (
     trunk_tensors,
 )
 
+from .io import load_checkpoint, state_dict_of
+from .safety import SafeCheckpointerMixin
+
 __all__ = ["VimDetCheckpointer", "load_checkpoint_file"]
 
 logger = logging.getLogger(__name__)
 
 
 def load_checkpoint_file(path: str) -> Dict[str, Tensor]:
-    """Read a .pth/.pkl file and return its state dict (the ``model`` entry if there is one).
-
-    Released Vim files also pickle their training arguments, so the file is fully unpickled:
-    load only files you trust.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"checkpoint {path!r} does not exist; give the path of a Vim "
-            ".pth file (e.g. vim_t_midclstok_76p1acc.pth)"
-        )
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
-        raise ValueError(
-            f"checkpoint {path!r} could not be read by torch.load ({error}); is it a "
-            "complete PyTorch checkpoint file?"
-        ) from error
-    if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
-        content = content["model"]
-    if not isinstance(content, Mapping):
-        raise ValueError(f"checkpoint {path!r} holds a {type(content).__name__}, not a state dict")
-    return dict(content)
+    """Read a .pth file safely (see :mod:`vimdet.checkpoint.io`) and return its state dict."""
+    return state_dict_of(load_checkpoint(path), path)
 
 
-class VimDetCheckpointer(DetectionCheckpointer):
+class VimDetCheckpointer(SafeCheckpointerMixin, DetectionCheckpointer):
     """Detectron2's checkpointer, strict about the Vim trunk: the one way weights get in.
 
     - Trunk tensors of the wrong shape are an error: Detectron2 would skip them with a warning
@@ -62,6 +42,8 @@ class VimDetCheckpointer(DetectionCheckpointer):
     - A released Vim classification file given as MODEL.WEIGHTS is converted on the fly (its
       keys have no ``backbone.net.`` prefix, so Detectron2 would load none of them).
     - The position grid is resized (with a log line) when only its size differs.
+    - Files are read without running code, saved atomically, resumed with a fallback, and the
+      trunk must be complete (:class:`~vimdet.checkpoint.safety.SafeCheckpointerMixin`).
     """
 
     def _load_model(self, checkpoint):
@@ -82,5 +64,6 @@ class VimDetCheckpointer(DetectionCheckpointer):
                 weights = {TRUNK_PREFIX + key: value for key, value in trunk.items()}
                 checkpoint["model"] = weights
             fitted = fit_trunk_state(trunk_tensors(weights), net, "loading MODEL.WEIGHTS")
+            self.check_trunk_complete(fitted, net)
             weights.update({TRUNK_PREFIX + key: value for key, value in fitted.items()})
         return super()._load_model(checkpoint)

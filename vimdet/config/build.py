@@ -10,6 +10,7 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 
 from .defaults import add_vimdet_config
+from .overrides import check_overrides, explain_merge_error
 
 __all__ = ["build_cfg"]
 
@@ -19,9 +20,11 @@ logger = logging.getLogger(__name__)
 def build_cfg(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     """get_cfg + ViMDet keys + the file + ``KEY VALUE`` overrides, checked; returns it frozen.
 
-    Raises FileNotFoundError for a missing file, KeyError naming an unknown key, and ValueError
-    for a CUDA device without CUDA or an unknown AMP dtype. AMP is turned off (with a warning) on
-    the CPU, where Detectron2's AMPTrainer cannot run.
+    Raises FileNotFoundError for a missing file; yacs's KeyError/AssertionError for an unknown
+    key (with the closest keys) and ValueError for a wrong type, naming the source; ValueError for
+    a flag among the overrides, a key without a value, a CUDA device without CUDA or an unknown
+    AMP dtype. AMP is turned off (with a warning) on the CPU, where Detectron2's AMPTrainer cannot
+    run.
     """
     cfg = get_cfg()
     add_vimdet_config(cfg)
@@ -30,15 +33,12 @@ def build_cfg(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
             f"config file {config_file!r} does not exist; the configs ship in "
             "configs/ (e.g. configs/cascade_vim_t.yaml)"
         )
+    check_overrides(opts)
     try:
         cfg.merge_from_file(config_file)
         cfg.merge_from_list(list(opts))
-    except (KeyError, AssertionError) as error:  # yacs: KeyError from files, assert from lists
-        raise KeyError(
-            f"{error.args[0]} (in {config_file} or the command line). Check the key's "
-            "spelling against vimdet/config/defaults.py and Detectron2's "
-            "config/defaults.py"
-        ) from None
+    except (KeyError, AssertionError, ValueError) as error:  # yacs: unknown key, wrong type
+        raise explain_merge_error(error, cfg, config_file) from error
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(
             f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but this machine has no usable "

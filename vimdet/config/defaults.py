@@ -41,6 +41,9 @@ def add_vimdet_config(cfg: CN) -> None:
     # (or a converted one) as MODEL.WEIGHTS, which the checkpointer converts. Kept so that old
     # configs fail with that advice instead of an unknown-key error.
     cfg.MODEL.VIM.PRETRAINED = ""
+    # Accept MODEL.WEIGHTS that cover the trunk only in part (missing or extra Vim blocks, no
+    # trunk at all); False makes such a checkpoint an error that lists what is missing or extra.
+    cfg.MODEL.VIM.ALLOW_PARTIAL_WEIGHTS = False
 
     cfg.MODEL.VIM_FPN = CN()
     # 1-based Vim blocks whose output stream feeds the pyramid, one per level. The only source
@@ -56,6 +59,10 @@ def add_vimdet_config(cfg: CN) -> None:
     cfg.MODEL.VIM_FPN.TOP_BLOCK = True
     # Pad every batch to this square size (ViTDet's LSJ style); 0 pads only to divisibility.
     cfg.MODEL.VIM_FPN.SQUARE_PAD = 0
+
+    # Training images that may fail to decode mid-run (each is skipped with a warning naming it
+    # and counted); one more stops the run. Images are also header-checked before training.
+    cfg.DATALOADER.MAX_BAD_IMAGES = 10
 
     # Optimizer for the detector: "ADAMW" (ViTDet's recipe) or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"

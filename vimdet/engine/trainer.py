@@ -1,4 +1,5 @@
-"""Detectron2's DefaultTrainer with ViMDet's optimizer, checkpointer, evaluator and AMP dtype."""
+"""Detectron2's DefaultTrainer with ViMDet's optimizer, checkpointer, evaluator, AMP dtype,
+checked training data and exact resume."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ from typing import Iterator
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, defaults
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 
 from vimdet.checkpoint import VimDetCheckpointer
 from vimdet.data.checks import CheckedDatasetMapper, explain_dataset_errors
 from vimdet.solver import build_vimdet_optimizer
+
+from .exact_resume import ExactResumeHook, ResumableTrainStream
+from .train_data import build_checked_train_loader
 
 __all__ = ["VimDetTrainer"]
 
@@ -51,7 +55,8 @@ class VimDetTrainer(DefaultTrainer):
 
     def __init__(self, cfg: CfgNode):
         # DefaultTrainer builds model, optimizer, loader, scheduler and hooks; ViMDet differs in
-        # three places: DDP of CPU models, the AMP dtype and the checkpointer.
+        # three places: DDP of CPU models, the AMP dtype and the checkpointer (put in by
+        # build_hooks, which DefaultTrainer.__init__ calls).
         with _ddp_without_device_ids(cfg.MODEL.DEVICE == "cpu"):
             super().__init__(cfg)
         if cfg.SOLVER.AMP.ENABLED:  # Detectron2's AMPTrainer defaults to float16
@@ -63,22 +68,32 @@ class VimDetTrainer(DefaultTrainer):
                 grad_scaler=torch.amp.GradScaler("cuda", enabled=dtype == torch.float16),
                 precision=dtype,
             )
-        # Loading (resume_or_load) refuses trunk tensors of the wrong shape. The periodic
-        # checkpoint hook keeps Detectron2's checkpointer, which saves the same files.
-        self.checkpointer = VimDetCheckpointer(
-            self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
         return build_vimdet_optimizer(cfg, model)
 
+    def build_hooks(self) -> list:
+        # DefaultTrainer.__init__ builds a plain DetectionCheckpointer just before calling this,
+        # and the PeriodicCheckpointer hook built below saves through self.checkpointer: replace
+        # it first, so that loading (resume_or_load) and every periodic save go through ViMDet's
+        # checkpointer (strict trunk, files read safely, atomic saves, --resume fallback).
+        if not isinstance(self.checkpointer, VimDetCheckpointer):
+            self.checkpointer = VimDetCheckpointer(
+                self.model,
+                self.cfg.OUTPUT_DIR,
+                trainer=weakref.proxy(self),
+                allow_partial_trunk=self.cfg.MODEL.VIM.ALLOW_PARTIAL_WEIGHTS,
+            )
+        # ExactResumeHook first, so that every later hook and the iteration see the iteration's
+        # seeded RNGs.
+        stream = getattr(self.data_loader, "dataset", None)
+        seed = stream.seed if isinstance(stream, ResumableTrainStream) else max(self.cfg.SEED, 0)
+        return [ExactResumeHook(seed)] + super().build_hooks()
+
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
-        mapper = CheckedDatasetMapper(cfg, is_train=True)
-        return explain_dataset_errors(
-            cfg.DATASETS.TRAIN, lambda: build_detection_train_loader(cfg, mapper=mapper)
-        )
+        return build_checked_train_loader(cfg)
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):

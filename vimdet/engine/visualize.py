@@ -72,7 +72,7 @@ def write_prediction_pngs(
     """Write ``num_images`` PNGs (ground truth | predictions) of ``dataset_name``; return paths."""
     os.makedirs(output_dir, exist_ok=True)
     metadata = MetadataCatalog.get(dataset_name)
-    paths = []
+    paths: List[str] = []
     for record in DatasetCatalog.get(dataset_name)[:num_images]:
         image = read_image(record["file_name"], format=cfg.INPUT.FORMAT)
         instances = predict_image(model, image, cfg)
@@ -81,6 +81,9 @@ def write_prediction_pngs(
         )
         stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
         path = os.path.join(output_dir, f"{stem}.png")
-        cv2.imwrite(path, picture[:, :, ::-1])
+        if path in paths:  # two images share a file name (in different folders)
+            path = os.path.join(output_dir, f"{stem}_id{record['image_id']}.png")
+        if not cv2.imwrite(path, picture[:, :, ::-1]):
+            raise OSError(f"could not write {path!r}; is the folder writable and not full?")
         paths.append(path)
     return paths

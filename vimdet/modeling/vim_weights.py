@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 from torch import Tensor
@@ -27,6 +27,7 @@ __all__ = [
     "convert_vim_state_dict",
     "fit_trunk_state",
     "is_released_vim_state",
+    "released_layout_problems",
     "trunk_tensors",
     "vim_layer_id",
     "vim_lr_decay_rate",
@@ -50,6 +51,19 @@ def is_released_vim_state(state_dict: Mapping[str, Tensor]) -> bool:
     return _REQUIRED_KEYS[0] in state_dict and not any(
         k.startswith(TRUNK_PREFIX) for k in state_dict
     )
+
+
+def released_layout_problems(state_dict: Mapping[str, Any]) -> List[str]:
+    """What is wrong with the shapes of a Vim state dict's patch embedding and position grid."""
+    weight, grid = state_dict["patch_embed.proj.weight"], state_dict["pos_embed"]
+    problems = []
+    if weight.dim() != 4 or weight.shape[0] == 0 or weight.shape[1] != 3:
+        problems.append(f"patch_embed.proj.weight is {tuple(weight.shape)}, not (width, 3, P, P)")
+    elif grid.dim() != 3 or grid.shape[0] != 1 or grid.shape[1] == 0:
+        problems.append(f"pos_embed is {tuple(grid.shape)}, not (1, tokens, width)")
+    elif grid.shape[2] != weight.shape[0]:
+        problems.append(f"pos_embed is {grid.shape[2]} wide but patch_embed {weight.shape[0]} wide")
+    return problems
 
 
 def _split_cls_row(pos_embed: Tensor) -> Tuple[Tensor, bool]:
@@ -83,6 +97,9 @@ def convert_vim_state_dict(
             f"{sample}). Expected a released Vim .pth with patch_embed, pos_embed and "
             "layers.{i}.mixer.* tensors"
         )
+    layout = released_layout_problems(state_dict)
+    if layout:
+        raise ValueError(f"not a Vim checkpoint ViMDet can load: {'; '.join(layout)}")
     width = state_dict["patch_embed.proj.weight"].shape[0]
     if expected_dim is not None and width != expected_dim:
         raise ValueError(
