@@ -7,11 +7,12 @@ causal conv + SiLU, direction 1 the anti-causal one (Vim's flipped branch, unfli
 are in :mod:`vimdet.ops.conv_triton_kernels`.
 """
 
-import contextlib
 from typing import Tuple
 
 import torch
 from torch import Tensor
+
+from .scan_triton import device_guard
 
 try:
     import triton
@@ -32,15 +33,11 @@ def _grid(x: Tensor) -> Tuple[int, int, int]:
     return (triton.cdiv(length, BLOCK[0]), triton.cdiv(channels, BLOCK[1]), batch)
 
 
-def _device_guard(tensor: Tensor):
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 @torch.library.custom_op("vimdet::conv_both_directions", mutates_args=())
 def _conv_op(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     batch, length, channels = x.shape
     u = x.new_empty((2, batch, length, channels))
-    with _device_guard(x):
+    with device_guard(x):
         kernels.conv_forward_kernel[_grid(x)](
             x, weight, bias, u, length, channels, x.stride(0), x.stride(1),
             weight.stride(0), weight.stride(1), bias.stride(0),
@@ -68,7 +65,7 @@ def _conv_backward_op(
     dw_parts = torch.empty((blocks, 2, taps, channels), **f32)
     dbias_parts = torch.empty((blocks, 2, channels), **f32)
     dx = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
-    with _device_guard(x):
+    with device_guard(x):
         kernels.conv_backward_kernel[grid](
             x, weight, bias, du, grads, dw_parts, dbias_parts, length, channels,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0),

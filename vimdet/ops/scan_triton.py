@@ -101,7 +101,8 @@ def _walk_args(walk: Sequence[int]) -> Tuple[int, int, int, int]:
     return start, inner, inner_stride, outer_stride
 
 
-def _device_guard(tensor: Tensor):
+def device_guard(tensor: Tensor):
+    """Launch on ``tensor``'s GPU (Triton launches on the current device); a no-op on the CPU."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
@@ -190,7 +191,7 @@ def _scan_walk_forward(
 ) -> Tensor:
     dirs, batch, length, channels = u.shape
     state = A.shape[-1]
-    with _device_guard(u):
+    with device_guard(u):
         carries = _state_carries(u, delta, A, B, delta_bias, delta_softplus, walk)
         out = u.new_empty((batch, length, channels))
         # The first direction's output waits here, in fp32, for the second one's.
@@ -255,7 +256,7 @@ def _scan_walk_backward(
     state = A.shape[-1]
     chunks = _num_chunks(length)
     bias = delta_bias if delta_bias is not None else A
-    with _device_guard(u):
+    with device_guard(u):
         carries = _state_carries(u, delta, A, B, delta_bias, delta_softplus, walk)
         # 1. The adjoint each chunk passes on when nothing enters it, chained against the walk.
         block_e, warps = FORWARD_BLOCK
