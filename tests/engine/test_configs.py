@@ -9,6 +9,9 @@ import vimdet  # noqa: F401
 from vimdet.engine import build_cfg
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
+DEMO_CONFIG = (
+    Path(__file__).resolve().parents[2] / "configs" / "shapes" / "cascade_vim_mini_shapes.yaml"
+)
 
 
 def test_configs_are_found():
@@ -30,3 +33,16 @@ def test_config_loads_and_builds(path):
     assert model.roi_heads.__class__.__name__ == "CascadeROIHeads"
     assert len(model.roi_heads.box_predictor) == 3
     assert model.roi_heads.mask_on == cfg.MODEL.MASK_ON
+
+
+def test_demo_config_uses_registered_splits_with_a_large_val_split():
+    from detectron2.data import DatasetCatalog
+
+    from vimdet.data.shapes import _BUILTIN_SPECS
+
+    cfg = build_cfg(str(DEMO_CONFIG))
+    names = cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
+    assert set(names) <= set(DatasetCatalog.list())
+    assert cfg.SEED >= 0  # repeatable: seeded model init, data order and augmentation
+    assert _BUILTIN_SPECS[cfg.DATASETS.TEST[0]]["num_images"] >= 200
+    assert cfg.TEST.EVAL_UNTRAINED
