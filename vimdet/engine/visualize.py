@@ -105,9 +105,8 @@ def draw_predictions(
     classes = kept.pred_classes.tolist()
     labels = [f"{name(c)} {s:.0%}" for c, s in zip(classes, kept.scores.tolist())]
     boxes = kept.pred_boxes.tensor.numpy() * scale
-    predicted = _titled(
-        _draw_boxes(image_rgb, boxes, classes, labels), f"predictions (score >= {score_thresh:g})"
-    )
+    title = f"predictions (score >= {score_thresh:g})" + ("" if len(kept) else ": none")
+    predicted = _titled(_draw_boxes(image_rgb, boxes, classes, labels), title)
     if ground_truth is None:
         return predicted
     annotations = ground_truth.get("annotations", [])
