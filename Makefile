@@ -32,8 +32,11 @@ test-quick: venv
 test-gpu: venv
 	$(PY) -m pytest tests/gpu -q
 
+# One compute thread (OMP_NUM_THREADS=1): on this project's 2 shared cores, two threads that wait
+# for each other in every parallel op made a step 2-8x slower (docs/benchmarks.md); the data-loading
+# worker uses the other core. A fixed thread count also keeps the demo's AP the same on any machine.
 demo: venv
-	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG)
+	OMP_NUM_THREADS=1 $(PY) tools/train_net.py --config-file $(DEMO_CONFIG)
 
 lint: venv
 	$(VENV)/bin/ruff check vimdet tools tests setup.py

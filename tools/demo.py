@@ -2,7 +2,7 @@
 """Draw a ViMDet model's detections on images with Detectron2's Visualizer.
 
     python tools/demo.py --config-file configs/shapes/cascade_vim_mini_shapes.yaml \\
-        --input datasets/vimdet_shapes/val --output output/demo_pictures \\
+        --input datasets/vimdet_shapes_demo/val --output output/demo_pictures \\
         MODEL.WEIGHTS output/demo_shapes/model_final.pth
 
 ``--input`` takes image files and folders (their .jpg/.jpeg/.png/.bmp files); one PNG per image is

@@ -11,7 +11,10 @@ Multi-node: add ``--num-machines M --machine-rank R --dist-url tcp://HOST:PORT``
 
 import logging
 import os
+import sys
+import time
 
+from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -21,6 +24,7 @@ import vimdet  # noqa: F401  (registers the backbone and the built-in datasets)
 from vimdet.checkpoint import VimDetCheckpointer
 from vimdet.config import build_cfg
 from vimdet.engine import VimDetTrainer, write_prediction_pngs
+from vimdet.engine.summary import bbox_metrics, evaluate_untrained, format_summary
 
 logger = logging.getLogger("vimdet")
 
@@ -34,9 +38,10 @@ def setup(args):
 
 
 def draw_test_predictions(cfg, model):
-    """PNGs of the first test set's predictions beside its ground truth (main process only)."""
+    """PNGs of the first test set's predictions beside its ground truth (main process only);
+    returns their paths."""
     if cfg.TEST.VIS_NUM_IMAGES <= 0 or not cfg.DATASETS.TEST or not comm.is_main_process():
-        return
+        return []
     model = model.module if hasattr(model, "module") else model
     output_dir = os.path.join(cfg.OUTPUT_DIR, "predictions")
     paths = write_prediction_pngs(
@@ -50,9 +55,30 @@ def draw_test_predictions(cfg, model):
     logger.info(
         "Wrote %d prediction PNGs (ground truth | prediction) to %s", len(paths), output_dir
     )
+    return paths
+
+
+def print_summary(args, cfg, results, untrained, pictures, started):
+    """The end-of-run summary of the first test set (main process only)."""
+    if not cfg.DATASETS.TEST or not comm.is_main_process():
+        return
+    name = cfg.DATASETS.TEST[0]
+    summary = format_summary(
+        dataset_name=name,
+        num_images=len(DatasetCatalog.get(name)),
+        trained=bbox_metrics(results, name),
+        untrained=untrained,
+        weights=os.path.join(cfg.OUTPUT_DIR, "model_final.pth"),
+        pictures=pictures,
+        python=sys.executable,
+        config_file=args.config_file,
+        minutes=(time.perf_counter() - started) / 60,
+    )
+    print(summary, flush=True)
 
 
 def main(args):
+    started = time.perf_counter()
     cfg = setup(args)
     if args.eval_only:
         model = VimDetTrainer.build_model(cfg)
@@ -76,8 +102,14 @@ def main(args):
 
     trainer = VimDetTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    results = trainer.train()
-    draw_test_predictions(cfg, trainer.model)
+    untrained = None
+    if cfg.TEST.EVAL_UNTRAINED and trainer.start_iter == 0:
+        untrained = evaluate_untrained(cfg, VimDetTrainer, trainer.model)
+    trainer.train()
+    # DefaultTrainer.train returns the results only when TEST.EXPECTED_RESULTS is set.
+    results = getattr(trainer, "_last_eval_results", None)
+    pictures = draw_test_predictions(cfg, trainer.model)
+    print_summary(args, cfg, results, untrained, pictures, started)
     return results
 
 

@@ -241,6 +241,8 @@ def test_builtin_names_registered_without_generation():
         "vimdet_shapes_val",
         "vimdet_shapes_large_train",
         "vimdet_shapes_large_val",
+        "vimdet_shapes_demo_train",
+        "vimdet_shapes_demo_val",
     ]
     registered = DatasetCatalog.list()
     for name in names:

@@ -50,7 +50,7 @@ def adam_steps(checkpoint_path):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     output = root / "output"
-    result = train_net(output, root / "datasets")
+    result = train_net(output, root / "datasets", "TEST.EVAL_UNTRAINED", "True")
     return root, output, result
 
 
@@ -66,6 +66,13 @@ def test_training_writes_checkpoints_logs_and_pictures(trained):
     assert all(torch.isfinite(torch.tensor(m["total_loss"])) for m in metrics if "total_loss" in m)
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log  # COCOEvaluator ran after training
     assert len(list((output / "predictions").glob("*.png"))) == 1
+    # The untrained baseline, then the summary a person reads at the end.
+    assert "Evaluating the untrained model on vimdet_shapes_val" in log
+    assert (output / "inference_untrained" / "vimdet_shapes_val").is_dir()
+    summary = result.stdout[result.stdout.index("ViMDet summary") :]
+    assert "box AP on vimdet_shapes_val (48 images): AP " in summary
+    assert "the same model untrained:  AP " in summary
+    assert "MODEL.WEIGHTS output/model_final.pth" in summary  # relative to the run's folder
 
 
 def test_resume_continues_with_iteration_and_optimizer_state(trained):

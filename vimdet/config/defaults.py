@@ -78,3 +78,6 @@ def add_vimdet_config(cfg: CN) -> None:
     cfg.TEST.VIS_NUM_IMAGES = 8
     # Score threshold for the boxes drawn in those PNGs.
     cfg.TEST.VIS_SCORE_THRESH = 0.5
+    # Before training (from iteration 0 only), COCO-evaluate the untrained model on the first
+    # test set too, and print its AP beside the trained model's in the end-of-run summary.
+    cfg.TEST.EVAL_UNTRAINED = False

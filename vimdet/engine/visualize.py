@@ -12,7 +12,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
-from detectron2.structures import Instances
+from detectron2.structures import BoxMode, Instances
 from detectron2.utils.visualizer import Visualizer
 
 __all__ = ["predict_image", "draw_predictions", "to_rgb", "write_prediction_pngs"]
@@ -43,6 +43,44 @@ def to_rgb(image: np.ndarray, image_format: str) -> np.ndarray:
     return image[:, :, ::-1] if image_format == "BGR" else image
 
 
+#: Small images are enlarged to this shorter side (px) before drawing, so that the boxes and
+#: their labels stay legible on the 160-320 px shapes images.
+MIN_DRAWN_SIDE = 512
+# Label text size relative to the Visualizer's default (about 10 px at these sizes).
+_FONT_SCALE = 1.6
+# Height (px) of the white strip above each panel that holds its title.
+_TITLE_HEIGHT = 34
+# One colour per class (RGB in [0, 1]), the same in both panels: a box's colour names its class.
+_CLASS_COLORS = (
+    (0.12, 0.47, 0.71),
+    (1.00, 0.50, 0.05),
+    (0.17, 0.63, 0.17),
+    (0.84, 0.15, 0.16),
+    (0.58, 0.40, 0.74),
+    (0.55, 0.34, 0.29),
+    (0.89, 0.47, 0.76),
+    (0.50, 0.50, 0.50),
+)
+
+
+def _draw_boxes(
+    image_rgb: np.ndarray, boxes: np.ndarray, classes: List[int], labels: List[str]
+) -> np.ndarray:
+    """``boxes`` (N, 4) XYXY in ``image_rgb``'s pixels, drawn with their labels in class colours."""
+    colors = [_CLASS_COLORS[c % len(_CLASS_COLORS)] for c in classes]
+    visualizer = Visualizer(image_rgb, font_size_scale=_FONT_SCALE)
+    return visualizer.overlay_instances(
+        boxes=boxes, labels=labels, assigned_colors=colors
+    ).get_image()
+
+
+def _titled(panel: np.ndarray, title: str) -> np.ndarray:
+    """``panel`` under a white strip that holds ``title``."""
+    strip = np.full((_TITLE_HEIGHT, panel.shape[1], 3), 255, dtype=np.uint8)
+    cv2.putText(strip, title, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 0, 0), 2, cv2.LINE_AA)
+    return np.concatenate([strip, panel], axis=0)
+
+
 def draw_predictions(
     image_rgb: np.ndarray,
     instances: Instances,
@@ -50,14 +88,38 @@ def draw_predictions(
     score_thresh: float,
     ground_truth: Dict | None = None,
 ) -> np.ndarray:
-    """Draw boxes scoring at least ``score_thresh``; with ``ground_truth`` (a dataset dict), put
-    the ground truth on the left and the predictions on the right. Returns RGB uint8."""
+    """Draw the boxes scoring at least ``score_thresh`` ("class score%"), under a title; with
+    ``ground_truth`` (a dataset dict), put the ground truth on the left and the predictions on
+    the right. Images whose shorter side is below ``MIN_DRAWN_SIDE`` are enlarged first.
+    Returns RGB uint8."""
+    names = metadata.get("thing_classes", None) or []
+    scale = max(1.0, MIN_DRAWN_SIDE / min(image_rgb.shape[:2]))
+    if scale > 1.0:
+        size = (round(image_rgb.shape[1] * scale), round(image_rgb.shape[0] * scale))
+        image_rgb = cv2.resize(image_rgb, size, interpolation=cv2.INTER_CUBIC)
+
+    def name(class_id: int) -> str:
+        return names[class_id] if class_id < len(names) else str(class_id)
+
     kept = instances[instances.scores >= score_thresh]
-    predicted = Visualizer(image_rgb, metadata).draw_instance_predictions(kept).get_image()
+    classes = kept.pred_classes.tolist()
+    labels = [f"{name(c)} {s:.0%}" for c, s in zip(classes, kept.scores.tolist())]
+    boxes = kept.pred_boxes.tensor.numpy() * scale
+    title = f"predictions (score >= {score_thresh:g})" + ("" if len(kept) else ": none")
+    predicted = _titled(_draw_boxes(image_rgb, boxes, classes, labels), title)
     if ground_truth is None:
         return predicted
-    truth = Visualizer(image_rgb, metadata).draw_dataset_dict(ground_truth).get_image()
-    divider = np.full((truth.shape[0], 8, 3), 255, dtype=np.uint8)
+    annotations = ground_truth.get("annotations", [])
+    boxes = np.array(
+        [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations],
+        dtype=np.float32,
+    ).reshape(-1, 4)
+    classes = [a["category_id"] for a in annotations]
+    truth = _titled(
+        _draw_boxes(image_rgb, boxes * scale, classes, [name(c) for c in classes]),
+        "ground truth",
+    )
+    divider = np.full((truth.shape[0], 12, 3), 255, dtype=np.uint8)
     return np.concatenate([truth, divider, predicted], axis=1)
 
 
