@@ -220,6 +220,15 @@ def test_bad_shapes_name_the_argument():
         )
 
 
+@pytest.mark.parametrize("walk", [[0, 8, 1, 1], [0, 0, 1, 0], [3, 9, 1, 0]])
+def test_walk_that_is_not_a_permutation_is_refused(walk):
+    # Overlapping, empty and out-of-range walks would make the kernels read and write
+    # the wrong tokens: the dispatcher refuses them before any backend runs.
+    inputs, softplus = make_inputs(2, 1, 9, 4, 4, "mamba")
+    with pytest.raises(ValueError, match="does not visit each of the 9 tokens once"):
+        bidirectional_selective_scan(**inputs, delta_softplus=softplus, walk=walk, backend="triton")
+
+
 def test_registered_op_passes_opcheck():
     # torch.library's checks of the schema, the fake (meta) kernel and the autograd registration.
     inputs, _ = make_inputs(2, 1, 9, 8, 4, "mamba")

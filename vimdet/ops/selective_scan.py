@@ -174,12 +174,15 @@ def bidirectional_selective_scan(
         (batch, L, E) in u's dtype: the mean of the directions' outputs.
     """
     check_walk_inputs(u, delta, A, B, C, D, z, delta_bias)
+    length = u.shape[2]
+    if walk is not None:  # the kernels index tokens by the walk: it must be a permutation
+        walk = tuple(int(v) for v in walk)
+        _check_walk(walk, length)
     name = resolve_backend(backend, u.device)
     if name == "triton":
         return scan_walk(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk)
     # Elsewhere: one single-direction scan per direction, on copies gathered in walk order.
     scan = _BACKEND_FUNCTIONS[name]
-    length = u.shape[2]
     order = None if walk is None else _walk_positions(walk, length, u.device)
     orders = [order]
     if u.shape[0] == 2:
@@ -210,17 +213,27 @@ def _channel_major(tensor: Tensor, tokens: Tensor | None) -> Tensor:
     return tensor.transpose(1, 2)
 
 
-def _walk_positions(walk: Sequence[int], length: int, device: torch.device) -> Tensor:
-    """The token visited at each scan position of ``walk``: a permutation of range(length)."""
-    start, inner, inner_stride, outer_stride = (int(v) for v in walk)
-    position = torch.arange(length, device=device)
-    tokens = start + (position % inner) * inner_stride + (position // inner) * outer_stride
-    if not torch.equal(tokens.sort().values, position):
+@functools.lru_cache(maxsize=64)
+def _check_walk(walk: tuple[int, int, int, int], length: int) -> None:
+    """Raise ValueError unless ``walk`` visits each of ``length`` tokens exactly once."""
+    start, inner, inner_stride, outer_stride = walk
+    visited = (
+        {start + (p % inner) * inner_stride + (p // inner) * outer_stride for p in range(length)}
+        if inner > 0
+        else set()
+    )
+    if visited != set(range(length)):
         raise ValueError(
-            f"bidirectional_selective_scan: walk {tuple(walk)} does not visit each of the "
-            f"{length} tokens once; use row_major_walk or column_major_walk"
+            f"bidirectional_selective_scan: walk {walk} does not visit each of the {length} "
+            "tokens once; use row_major_walk or column_major_walk"
         )
-    return tokens
+
+
+def _walk_positions(walk: Sequence[int], length: int, device: torch.device) -> Tensor:
+    """The token visited at each scan position of a checked ``walk``."""
+    start, inner, inner_stride, outer_stride = walk
+    position = torch.arange(length, device=device)
+    return start + (position % inner) * inner_stride + (position // inner) * outer_stride
 
 
 def _with_input_checks(kernel: Callable[..., Tensor]) -> Callable[..., Tensor]:
