@@ -4,6 +4,7 @@
     python tools/benchmark_backbones.py                              # GPU, every model and size
     python tools/benchmark_backbones.py --models vitdet_b_sdpa vim_b --sizes 1024x1024 \\
         --json out.json --plot docs/backbones.png
+    python tools/benchmark_backbones.py --detector --models vitdet_b_sdpa vim_b --batch 2
 
 Backbone = trunk + pyramid, fed a (batch, 3, H, W) bf16-autocast tensor. Rows:
 
@@ -14,10 +15,17 @@ Backbone = trunk + pyramid, fed a (batch, 3, H, W) bf16-autocast tensor. Rows:
   relative positions as an additive bias (what a careful user runs).
 - ``vitdet_b_sdpa_compiled``: that model under ``torch.compile`` (the strongest ViT baseline).
 - ``vim_t``/``vim_s``/``vim_b``: ViMDet's backbone from ``configs/cascade_vim_{t,s,b}.yaml``.
+- ``vim_t_compiled``/``vim_b_compiled``: those under ``torch.compile(dynamic=True)`` (ViMDet's
+  Triton ops are single ops to the compiler; one graph serves every input size).
 
 Per model and size: inference ms/img (no grad), training step ms/img (forward + backward of a
 scalar of the pyramid's outputs) and the training step's peak memory beyond the weights. Times are
 medians over ``--repeats`` after warm-up, synchronised on the GPU.
+
+``--detector``: the whole Cascade detector of ``configs/cascade_vim_b.yaml`` (80 classes, RPN,
+three Cascade stages) with each model's backbone in place of ViMDet's, the same heads for all:
+the training step (losses on 10 random boxes an image, bf16 autocast) per image and its peak
+memory, and inference per image.
 """
 
 from __future__ import annotations
@@ -31,10 +39,12 @@ import types
 
 import torch
 import torch.nn.functional as F
-from detectron2.modeling import ViT
+from detectron2.modeling import ViT, build_model
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.utils import get_rel_pos
 from detectron2.modeling.backbone.vit import SimpleFeaturePyramid
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 
 from vimdet.config import build_cfg
 from vimdet.modeling import build_vim_fpn_backbone
@@ -45,7 +55,18 @@ VIM_CONFIGS = {
     "vim_s": "cascade_vim_s.yaml",
     "vim_b": "cascade_vim_b.yaml",
 }
-MODELS = ("vitdet_b", "vitdet_b_sdpa", "vitdet_b_sdpa_compiled", "vim_t", "vim_s", "vim_b")
+MODELS = (
+    "vitdet_b",
+    "vitdet_b_sdpa",
+    "vitdet_b_sdpa_compiled",
+    "vim_t",
+    "vim_s",
+    "vim_b",
+    "vim_t_compiled",
+    "vim_b_compiled",
+)
+COMPILED = "_compiled"
+DETECTOR_CONFIG = "cascade_vim_b.yaml"
 
 
 def vitdet_b(image_size: int) -> torch.nn.Module:
@@ -108,17 +129,42 @@ def use_sdpa(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def build(name: str, image_size: int, device: str) -> torch.nn.Module:
-    if name.startswith("vitdet_b"):
+    """The backbone (trunk + pyramid) ``name`` for ``image_size`` inputs, on ``device``."""
+    base = name.removesuffix(COMPILED)
+    if base.startswith("vitdet_b"):
         model = vitdet_b(image_size)
-        if "sdpa" in name:
+        if "sdpa" in base:
             model = use_sdpa(model)
     else:
-        config = os.path.join(REPO, "configs", VIM_CONFIGS[name])
+        config = os.path.join(REPO, "configs", VIM_CONFIGS[base])
         model = build_vim_fpn_backbone(build_cfg(config, ["MODEL.DEVICE", device]))
     model = model.to(device)
-    if name.endswith("_compiled"):
-        model = torch.compile(model)
+    if name.endswith(COMPILED):
+        model = torch.compile(model, dynamic=base.startswith("vim"))
     return model
+
+
+def build_detector(name: str, image_size: int, device: str) -> torch.nn.Module:
+    """The Cascade detector of :data:`DETECTOR_CONFIG` with backbone ``name``."""
+    cfg = build_cfg(os.path.join(REPO, "configs", DETECTOR_CONFIG), ["MODEL.DEVICE", device])
+    model = build_model(cfg)
+    model.backbone = build(name, image_size, device)
+    return model
+
+
+def detector_inputs(batch: int, height: int, width: int, device: str) -> list:
+    """Detectron2's inputs: uint8 images with 10 random ground-truth boxes each."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for _ in range(batch):
+        corners = torch.rand(10, 2, 2, generator=generator) * torch.tensor([width, height])
+        boxes = torch.cat([corners.min(1).values, corners.max(1).values + 16], dim=1)
+        instances = Instances((height, width))
+        instances.gt_boxes = Boxes(boxes.to(device))
+        instances.gt_classes = torch.randint(80, (10,), generator=generator).to(device)
+        image = torch.randint(256, (3, height, width), dtype=torch.uint8, generator=generator)
+        inputs.append({"image": image.to(device), "instances": instances})
+    return inputs
 
 
 def _sync(device: str) -> None:
@@ -139,20 +185,42 @@ def median_seconds(step, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, height: int, width: int, batch: int, device: str, repeats: int) -> dict:
+def measure(
+    name: str, height: int, width: int, batch: int, device: str, repeats: int, detector: bool
+) -> dict:
     """ms/img of inference and of a training step, and the step's peak memory in GiB."""
-    model = build(name, max(height, width), device)
-    images = torch.randn(batch, 3, height, width, device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    if detector:
+        model = build_detector(name, max(height, width), device)
+        inputs = detector_inputs(batch, height, width, device)
+
+        def forward():
+            if not model.training:
+                return model.inference(inputs)
+            with EventStorage():  # the heads log training statistics
+                return model(inputs)
+
+        def loss(losses):
+            return sum(losses.values())
+
+    else:
+        model = build(name, max(height, width), device)
+        inputs = torch.randn(batch, 3, height, width, device=device)
+
+        def forward():
+            return model(inputs)
+
+        def loss(outputs):
+            return sum(out.float().square().mean() for out in outputs.values())
 
     def infer():
         with torch.no_grad(), autocast:
-            model(images)
+            forward()
 
     def train():
         with autocast:
-            outputs = model(images)
-        sum(out.float().square().mean() for out in outputs.values()).backward()
+            outputs = forward()
+        loss(outputs).backward()
 
     model.eval()
     infer_s = median_seconds(infer, device, repeats)
@@ -166,7 +234,7 @@ def measure(name: str, height: int, width: int, batch: int, device: str, repeats
     if device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
     return {
-        "model": name,
+        "model": f"cascade_{name}" if detector else name,
         "size": f"{height}x{width}",
         "batch": batch,
         "infer_ms_per_img": infer_s * 1e3 / batch,
@@ -213,6 +281,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--plot", help="write a PNG of time and memory against size here")
+    parser.add_argument(
+        "--detector", action="store_true", help="the whole Cascade detector, not the backbone"
+    )
     args = parser.parse_args()
 
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
@@ -222,10 +293,10 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         height, width = (int(v) for v in size.split("x"))
-        batch = 1 if height * width >= 2048 * 2048 else args.batch
+        batch = 1 if height * width >= 2048 * 2048 and not args.detector else args.batch
         for model in args.models:
             try:
-                row = measure(model, height, width, batch, args.device, args.repeats)
+                row = measure(model, height, width, batch, args.device, args.repeats, args.detector)
             except torch.OutOfMemoryError:
                 row = {"model": model, "size": size, "batch": batch, "error": "out of memory"}
                 print(f"| {model} | {size} | {batch} | out of memory | | |", flush=True)

@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vimdet.ops import bidirectional_selective_scan, conv_both_directions
+from vimdet.ops import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    bidirectional_selective_scan,
+    conv_both_directions,
+)
 
 __all__ = ["VIM_SIZES", "RMSNorm", "BiMambaMixer", "VimBlock", "VisionMamba", "resize_pos_embed"]
 
@@ -37,7 +42,11 @@ def _no_weight_decay(param: nn.Parameter) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32. x: (..., dim)."""
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32. x: (..., dim).
+
+    :class:`VimBlock` applies it fused with the residual add (:func:`vimdet.ops.add_rms_norm`);
+    alone it is that op without a residual.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -45,9 +54,7 @@ class RMSNorm(nn.Module):
         self.weight = _no_weight_decay(nn.Parameter(torch.ones(dim)))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x32 * self.weight.float()
+        return add_rms_norm_reference(x, None, self.weight, self.eps)[0]
 
 
 class _DropPath(nn.Module):
@@ -57,12 +64,12 @@ class _DropPath(nn.Module):
         super().__init__()
         self.rate = rate
 
-    def forward(self, x: Tensor) -> Tensor:
+    def sample_scale(self, x: Tensor) -> Tensor | None:
+        """(batch,) fp32 factors, 0 or 1 / keep, for x (batch, ...); None when nothing drops."""
         if self.rate == 0.0 or not self.training:
-            return x
+            return None
         keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return torch.empty(x.shape[0], dtype=torch.float32, device=x.device).bernoulli_(keep) / keep
 
     def extra_repr(self) -> str:
         return f"rate={self.rate}"
@@ -197,7 +204,9 @@ class VimBlock(nn.Module):
     """Add -> RMSNorm -> mixer, with the residual stream kept in fp32.
 
     ``forward(h_prev, residual_prev) -> (h, residual)`` where residual = residual_prev +
-    drop_path(h_prev) (or h_prev itself for the first block) and h = mixer(norm(residual)).
+    drop_path(h_prev) (or h_prev itself for the first block) and h = mixer(norm(residual)). The
+    add and the norm run as one op (:func:`vimdet.ops.add_rms_norm`, fused on the ``triton``
+    scan backend) whose output has the dtype the mixer's first GEMM reads (autocast's, else fp32).
 
     Args:
         dim: width of the token stream.
@@ -212,11 +221,19 @@ class VimBlock(nn.Module):
         self.drop_path = _DropPath(drop_path)
 
     def forward(self, hidden: Tensor, residual: Tensor | None) -> Tuple[Tensor, Tensor]:
-        if residual is None:
-            residual = hidden.float()
-        else:
-            residual = residual + self.drop_path(hidden).float()
-        return self.mixer(self.norm(residual)), residual
+        device_type = hidden.device.type
+        normed, residual = add_rms_norm(
+            hidden,
+            residual,
+            self.norm.weight,
+            self.norm.eps,
+            drop_scale=None if residual is None else self.drop_path.sample_scale(hidden),
+            out_dtype=torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else torch.float32,
+            backend=self.mixer.scan_backend,
+        )
+        return self.mixer(normed), residual
 
 
 @functools.lru_cache(maxsize=64)

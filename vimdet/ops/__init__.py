@@ -1,7 +1,8 @@
 """Ops: the selective scan, one dispatcher over its Triton, CUDA, chunked and reference backends,
-and the mixer's depthwise convolutions of both directions."""
+the mixer's depthwise convolutions of both directions, and the blocks' residual add + RMSNorm."""
 
 from .conv import conv_both_directions
+from .norm import add_rms_norm, add_rms_norm_reference
 from .scan_mamba import cuda_kernel_available
 from .scan_triton import column_major_walk, row_major_walk, triton_available
 from .selective_scan import (
@@ -16,6 +17,8 @@ from .selective_scan import (
 
 __all__ = [
     "BACKENDS",
+    "add_rms_norm",
+    "add_rms_norm_reference",
     "ENV_VAR",
     "bidirectional_selective_scan",
     "column_major_walk",

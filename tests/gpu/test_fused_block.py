@@ -1,0 +1,98 @@
+"""GPU tests of the fused Vim block (Triton add + RMSNorm, conv of both directions and scan)
+against the reference trunk (PyTorch ops, the chunked scan) at real widths: outputs and every
+gradient in fp32 and bf16, an odd grid, batch 2, drop path in training and evaluation; and
+torch.compile of a block over two token counts without graph breaks. Skipped without CUDA."""
+
+import pytest
+import torch
+
+from vimdet.modeling import VimBlock, VisionMamba
+from vimdet.ops import add_rms_norm, add_rms_norm_reference, triton_available
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not triton_available(), reason="needs Triton"),
+]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest difference relative to the largest magnitude."""
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_matches_reference_at_vim_b_width(out_dtype):
+    torch.manual_seed(0)
+    shape = (2, 52 * 84, 768)  # an 832x1344 image's tokens at Vim-B's width
+    hidden = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    residual = torch.randn(shape, device="cuda", requires_grad=True)
+    weight = (torch.rand(768, device="cuda") + 0.5).requires_grad_()
+    scale = torch.tensor([0.0, 1.25], device="cuda")
+    results = []
+    for function in (
+        lambda *a: add_rms_norm(*a, backend="triton"),
+        add_rms_norm_reference,
+    ):
+        normed, stream = function(hidden, residual, weight, 1e-5, scale, out_dtype)
+        loss = (
+            normed.float() * torch.linspace(-1, 1, normed.numel(), device="cuda").view_as(normed)
+        ).sum() + stream.square().mean()
+        results.append((normed, stream, *torch.autograd.grad(loss, (hidden, residual, weight))))
+    tolerance = 1e-5 if out_dtype == torch.float32 else 1e-2
+    names = ("normed", "stream", "d_hidden", "d_residual", "d_weight")
+    for name, actual, expected in zip(names, *results):
+        assert actual.dtype == expected.dtype, name
+        # d_hidden is bf16 like hidden: bf16 rounding.
+        limit = 1e-2 if name == "d_hidden" else tolerance
+        assert relative_error(actual, expected) < limit, name
+
+
+def paired_trunks(drop_path_rate: float):
+    torch.manual_seed(0)
+    kwargs = dict(embed_dim=384, depth=4, out_blocks=(2, 4), drop_path_rate=drop_path_rate)
+    fused = VisionMamba(scan_backend="triton", **kwargs).cuda()
+    reference = VisionMamba(scan_backend="chunked", **kwargs).cuda()
+    reference.load_state_dict(fused.state_dict())
+    return fused, reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_trunk_matches_reference_trunk(dtype, training):
+    fused, reference = paired_trunks(drop_path_rate=0.3)
+    image = torch.randn(2, 3, 20 * 16, 33 * 16, device="cuda")  # an odd 20x33 grid
+    results = []
+    for net in (fused, reference):
+        net.train(training)
+        torch.manual_seed(1)  # the same drop-path draws
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            features = net(image)
+        loss = sum(f.float().square().mean() for f in features.values())
+        loss.backward()
+        results.append((features, {n: p.grad for n, p in net.named_parameters()}))
+    (features, grads), (expected_features, expected_grads) = results
+    # fp32: summation order only. bf16: the GEMMs round to bf16 in both, but their inputs
+    # already differ by the fused ops' rounding.
+    limit = 2e-3 if dtype == torch.float32 else 5e-2
+    for name in features:
+        assert relative_error(features[name], expected_features[name]) < limit, name
+    for name in grads:
+        assert relative_error(grads[name], expected_grads[name]) < limit, f"grad of {name}"
+
+
+def test_compiled_block_has_no_graph_breaks_across_sizes():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = VimBlock(192, drop_path=0.1, scan_backend="triton").cuda()
+    compiled = torch.compile(block, fullgraph=True, dynamic=True)  # fails on a graph break
+    for tokens in (1000, 1333):  # multi-scale training changes the token count every step
+        hidden = torch.randn(2, tokens, 192, device="cuda", requires_grad=True)
+        residual = torch.randn(2, tokens, 192, device="cuda", requires_grad=True)
+        block.eval()
+        eager = block(hidden, residual)
+        out = compiled(hidden, residual)
+        for actual, expected in zip(out, eager):
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+        block.train()
+        sum(t.float().sum() for t in compiled(hidden, residual)).backward()
+        assert torch.isfinite(hidden.grad).all() and torch.isfinite(residual.grad).all()
