@@ -9,7 +9,16 @@ from .backbone import (
     build_vim_fpn_backbone,
     vim_trunk_kwargs,
 )
-from .vim import VIM_SIZES, BiMambaMixer, RMSNorm, VimBlock, VisionMamba, resize_pos_embed
+from .vim import (
+    SCAN_ROUTES,
+    VIM_SIZES,
+    AttentionMixer,
+    BiMambaMixer,
+    RMSNorm,
+    VimBlock,
+    VisionMamba,
+    resize_pos_embed,
+)
 from .vim_weights import (
     TRUNK_PREFIX,
     convert_vim_state_dict,
@@ -21,8 +30,10 @@ from .vim_weights import (
 )
 
 __all__ = [
+    "SCAN_ROUTES",
     "TRUNK_PREFIX",
     "VIM_SIZES",
+    "AttentionMixer",
     "BiMambaMixer",
     "ChannelLayerNorm",
     "RMSNorm",
