@@ -21,6 +21,7 @@ from .vim import (
 )
 from .vim_weights import (
     TRUNK_PREFIX,
+    adapt_trunk_to_options,
     convert_vim_state_dict,
     fit_trunk_state,
     is_released_vim_state,
@@ -40,6 +41,7 @@ __all__ = [
     "VimBlock",
     "VimFeaturePyramid",
     "VisionMamba",
+    "adapt_trunk_to_options",
     "build_vim_fpn_backbone",
     "convert_vim_state_dict",
     "fit_trunk_state",
