@@ -14,6 +14,8 @@ Backbone = trunk + pyramid, fed a (batch, 3, H, W) bf16-autocast tensor. Rows:
   relative positions as an additive bias (what a careful user runs).
 - ``vitdet_b_sdpa_compiled``: that model under ``torch.compile`` (the strongest ViT baseline).
 - ``vim_t``/``vim_s``/``vim_b``: ViMDet's backbone from ``configs/cascade_vim_{t,s,b}.yaml``.
+- ``vim_t_row_column``/``vim_t_cross``/``vim_t_attention`` (by name only): ViMDet-T with a trunk
+  option, from ``configs/trunk_options/`` (docs/trunk_options.md).
 
 Per model and size: inference ms/img (no grad), training step ms/img (forward + backward of a
 scalar of the pyramid's outputs) and the training step's peak memory beyond the weights. Times are
@@ -44,8 +46,13 @@ VIM_CONFIGS = {
     "vim_t": "cascade_vim_t.yaml",
     "vim_s": "cascade_vim_s.yaml",
     "vim_b": "cascade_vim_b.yaml",
+    # ViMDet-T with a trunk option (docs/trunk_options.md); asked for by name only.
+    "vim_t_row_column": "trunk_options/cascade_vim_t_row_column.yaml",
+    "vim_t_cross": "trunk_options/cascade_vim_t_cross.yaml",
+    "vim_t_attention": "trunk_options/cascade_vim_t_attention.yaml",
 }
 MODELS = ("vitdet_b", "vitdet_b_sdpa", "vitdet_b_sdpa_compiled", "vim_t", "vim_s", "vim_b")
+OPTION_MODELS = ("vim_t_row_column", "vim_t_cross", "vim_t_attention")
 
 
 def vitdet_b(image_size: int) -> torch.nn.Module:
@@ -207,7 +214,7 @@ def plot(rows: list, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=MODELS + OPTION_MODELS, default=list(MODELS))
     parser.add_argument("--sizes", nargs="+", default=["1024x1024", "832x1344", "2048x2048"])
     parser.add_argument("--batch", type=int, default=2, help="batch (1 at 2048x2048)")
     parser.add_argument("--repeats", type=int, default=10)
