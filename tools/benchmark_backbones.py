@@ -17,6 +17,8 @@ Backbone = trunk + pyramid, fed a (batch, 3, H, W) bf16-autocast tensor. Rows:
 - ``vim_t``/``vim_s``/``vim_b``: ViMDet's backbone from ``configs/cascade_vim_{t,s,b}.yaml``.
 - ``vim_t_compiled``/``vim_b_compiled``: those under ``torch.compile(dynamic=True)`` (ViMDet's
   Triton ops are single ops to the compiler; one graph serves every input size).
+- ``vim_t_row_column``/``vim_t_cross``/``vim_t_attention`` (by name only): ViMDet-T with a trunk
+  option, from ``configs/trunk_options/`` (docs/trunk_options.md).
 
 Per model and size: inference ms/img (no grad), training step ms/img (forward + backward of a
 scalar of the pyramid's outputs) and the training step's peak memory beyond the weights. Times are
@@ -54,6 +56,10 @@ VIM_CONFIGS = {
     "vim_t": "cascade_vim_t.yaml",
     "vim_s": "cascade_vim_s.yaml",
     "vim_b": "cascade_vim_b.yaml",
+    # ViMDet-T with a trunk option (docs/trunk_options.md); asked for by name only.
+    "vim_t_row_column": "trunk_options/cascade_vim_t_row_column.yaml",
+    "vim_t_cross": "trunk_options/cascade_vim_t_cross.yaml",
+    "vim_t_attention": "trunk_options/cascade_vim_t_attention.yaml",
 }
 MODELS = (
     "vitdet_b",
@@ -65,6 +71,7 @@ MODELS = (
     "vim_t_compiled",
     "vim_b_compiled",
 )
+OPTION_MODELS = ("vim_t_row_column", "vim_t_cross", "vim_t_attention")
 COMPILED = "_compiled"
 DETECTOR_CONFIG = "cascade_vim_b.yaml"
 
@@ -275,7 +282,7 @@ def plot(rows: list, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=MODELS + OPTION_MODELS, default=list(MODELS))
     parser.add_argument("--sizes", nargs="+", default=["1024x1024", "832x1344", "2048x2048"])
     parser.add_argument("--batch", type=int, default=2, help="batch (1 at 2048x2048)")
     parser.add_argument("--repeats", type=int, default=10)

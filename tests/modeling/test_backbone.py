@@ -118,6 +118,12 @@ def test_named_sizes():
         ({"MODEL.VIM_FPN.STRIDES": "[2, 8, 16, 32]"}, "stride 2 is not supported"),
         ({"MODEL.VIM_FPN.IN_BLOCKS": "[1, 2, 3, 9]"}, r"1-based block numbers in \[1, depth=4\]"),
         ({"MODEL.VIM_FPN.STRIDES": "[4, 8, 8, 32]"}, "must strictly increase"),
+        ({"MODEL.VIM.SCAN_ROUTES": "diagonal"}, "MODEL.VIM.SCAN_ROUTES.*is unknown"),
+        ({"MODEL.VIM.ATTENTION_BLOCKS": "[4, 5]"}, r"ATTENTION_BLOCKS\) must be 1-based"),
+        (
+            {"MODEL.VIM.ATTENTION_BLOCKS": "[4]", "MODEL.VIM.ATTENTION_HEADS": "3"},
+            r"3 heads \(MODEL.VIM.ATTENTION_HEADS\) do not divide the width 32",
+        ),
         ({"MODEL.VIM_FPN.SQUARE_PAD": "1024"}, "smaller than the largest input side 1333"),
         (
             {"MODEL.VIM_FPN.SQUARE_PAD": "1400", "INPUT.MAX_SIZE_TEST": "1400"},

@@ -5,7 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vimdet.ops import conv_both_directions, conv_triton, scan_triton, triton_available
+from vimdet.ops import (
+    column_major_walk,
+    conv_both_directions,
+    conv_triton,
+    scan_triton,
+    triton_available,
+)
 
 pytestmark = pytest.mark.skipif(
     not (triton_available() and scan_triton.interpreting()),
@@ -58,6 +64,55 @@ def test_registered_op_passes_opcheck():
     bias = torch.randn(2, 6, requires_grad=True)
     torch.library.opcheck(
         torch.ops.vimdet.conv_both_directions.default,
-        (x, weight, bias),
+        (x, weight, bias, column_major_walk(3, 3)),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+
+
+def transposed_grid(x, height, width):
+    """(batch, H*W, E) row-major -> (batch, W*H, E) row-major over the transposed W x H grid."""
+    return x.reshape(x.shape[0], height, width, -1).transpose(1, 2).reshape(x.shape)
+
+
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+@pytest.mark.parametrize("height, width", [(5, 7), (6, 3), (1, 4)])
+def test_column_walk_equals_conv_of_the_transposed_grid(monkeypatch, backend, height, width):
+    # Along the column-major walk, both directions' convs must equal the row-order convs of an
+    # explicitly transposed grid (read back in the original token order); values and gradients.
+    # Triton reads the grid in place along the walk; the fallback gathers a copy.
+    monkeypatch.setattr(conv_triton, "BLOCK", (8, 8))
+    channels = 5
+    gen = torch.Generator().manual_seed(height * width)
+    x = torch.randn(2, height * width, channels, generator=gen)
+    params = [
+        torch.randn(channels, 1, 4, generator=gen),
+        torch.randn(channels, generator=gen),
+        torch.randn(channels, 1, 4, generator=gen),
+        torch.randn(channels, generator=gen),
+    ]
+    walk = column_major_walk(height, width)
+
+    def along_columns(x, *params):
+        return conv_both_directions(*(x, *params), walk=walk, backend=backend)
+
+    def transposed(x, *params):
+        u = flip_definition(transposed_grid(x, height, width), *params)
+        return torch.stack([transposed_grid(u[d], width, height) for d in range(2)])
+
+    results = []
+    for function in (along_columns, transposed):
+        leaves = [x.clone().requires_grad_()] + [p.clone().requires_grad_() for p in params]
+        out = function(*leaves)
+        upstream = torch.linspace(-1, 1, out.numel()).view_as(out)
+        results.append((out, torch.autograd.grad((out * upstream).sum(), leaves)))
+    (out, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for name, grad, expected_grad in zip(("x", "w", "b", "w_b", "b_b"), grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_walk_that_is_not_a_permutation_is_refused():
+    x = torch.randn(1, 6, 4)
+    params = [torch.randn(4, 1, 4), torch.randn(4), torch.randn(4, 1, 4), torch.randn(4)]
+    with pytest.raises(ValueError, match="does not visit each of the 6 tokens once"):
+        conv_both_directions(x, *params, walk=[0, 3, 1, 1], backend="triton")

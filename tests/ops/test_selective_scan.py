@@ -7,6 +7,8 @@ import torch
 
 from vimdet.ops import (
     ENV_VAR,
+    bidirectional_selective_scan,
+    column_major_walk,
     cuda_kernel_available,
     resolve_backend,
     selective_scan,
@@ -201,3 +203,46 @@ def test_chunked_channel_groups_match_reference(monkeypatch):
     assert_close(actual, expected, torch.float32, "output")
     for name in expected_grads:
         assert_close(actual_grads[name], expected_grads[name], torch.float32, f"grad of {name}")
+
+
+def transposed_grid(tensor, height, width):
+    """(batch, H*W, C) row-major -> (batch, W*H, C) row-major over the transposed W x H grid."""
+    return tensor.reshape(tensor.shape[0], height, width, -1).transpose(1, 2).reshape(tensor.shape)
+
+
+@pytest.mark.parametrize("height, width", [(3, 5), (4, 7), (5, 1)])
+def test_column_walk_of_the_fallback_equals_reference_on_the_transposed_grid(height, width):
+    # The gathering backends along the column-major walk against the reference scan of an
+    # explicitly transposed grid: direction 0 down the columns, direction 1 up them.
+    gen = torch.Generator().manual_seed(height * width)
+    batch, length, channels, state = 2, height * width, 6, 4
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    u, z = randn(2, batch, length, channels), randn(batch, length, channels)
+    delta = torch.rand(2, batch, length, channels, generator=gen) * 0.5
+    a = -torch.rand(2, channels, state, generator=gen) * 2 - 0.1
+    b, c = randn(2, batch, length, state), randn(2, batch, length, state)
+    d, bias = randn(2, channels), randn(2, channels) * 0.5
+    actual = bidirectional_selective_scan(
+        u, delta, a, b, c, d, z, bias, True, walk=column_major_walk(height, width),
+        backend="chunked",
+    )  # fmt: skip
+
+    def columns(tensor, flip):
+        """Channel-major (batch, C, L) copy of ``tensor`` along the columns (flipped: up)."""
+        seq = transposed_grid(tensor, height, width).transpose(1, 2)
+        return seq.flip(-1) if flip else seq
+
+    total = 0
+    for direction in range(2):
+        flip = direction == 1
+        y = selective_scan_reference(
+            columns(u[direction], flip), columns(delta[direction], flip), a[direction],
+            columns(b[direction], flip), columns(c[direction], flip), d[direction],
+            columns(z, flip), bias[direction], True,
+        )  # fmt: skip
+        y = (y.flip(-1) if flip else y).transpose(1, 2)  # (batch, W*H, C) over the transposed grid
+        total = total + transposed_grid(y, width, height)
+    assert_close(actual, total / 2, torch.float32, "column walk")

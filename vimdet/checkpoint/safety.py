@@ -32,7 +32,7 @@ from .io import (
     load_pickled_arrays,
 )
 
-__all__ = ["SafeCheckpointerMixin", "describe_trunk_mismatch"]
+__all__ = ["SafeCheckpointerMixin", "describe_keys_by_block", "describe_trunk_mismatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,26 @@ def _ranges(numbers: Iterable[int]) -> str:
             start = number
         previous = number
     return ", ".join(parts)
+
+
+def describe_keys_by_block(keys: Iterable[str]) -> str:
+    """Trunk keys grouped by their name inside the block: 'mixer.qkv.weight, mixer.qkv.bias in
+    blocks 20-23 (0-based)'; keys outside the blocks are listed as they are."""
+    blocks_of: Dict[str, List[int]] = {}
+    loose = []
+    for key in keys:
+        match = _BLOCK_KEY.match(key)
+        if match:
+            blocks_of.setdefault(key[match.end() :], []).append(int(match.group(1)))
+        else:
+            loose.append(key)
+    by_blocks: Dict[str, List[str]] = {}
+    for local, blocks in blocks_of.items():
+        by_blocks.setdefault(_ranges(blocks), []).append(local)
+    parts = [
+        f"{', '.join(names)} in blocks {blocks} (0-based)" for blocks, names in by_blocks.items()
+    ]
+    return "; ".join(parts + sorted(loose))
 
 
 def describe_trunk_mismatch(checkpoint_keys: Iterable[str], model_keys: Iterable[str]) -> str:
@@ -140,12 +160,20 @@ class SafeCheckpointerMixin:
         _check_weights(weights, filename)
         return {"model": weights, "__author__": "Caffe2", "matching_heuristics": True}
 
-    def check_trunk_complete(self, trunk_state: Mapping[str, Tensor], net: nn.Module) -> None:
+    def check_trunk_complete(
+        self,
+        trunk_state: Mapping[str, Tensor],
+        net: nn.Module,
+        newly_initialised: Iterable[str] = (),
+    ) -> None:
         """Raise ValueError if ``trunk_state`` lacks trunk tensors or has extra blocks.
 
-        With ``allow_partial_trunk`` the same finding is logged as a warning instead.
+        ``newly_initialised`` names trunk tensors that no checkpoint of this kind holds (the
+        attention blocks' weights of docs/trunk_options.md): they may be missing. With
+        ``allow_partial_trunk`` the same finding is logged as a warning instead.
         """
-        mismatch = describe_trunk_mismatch(trunk_state, net.state_dict())
+        expected = set(net.state_dict()) - set(newly_initialised)
+        mismatch = describe_trunk_mismatch(trunk_state, expected)
         if not mismatch:
             return
         if self.allow_partial_trunk:

@@ -7,7 +7,7 @@ What a released Vim file holds and how it maps onto the trunk is model knowledge
 from __future__ import annotations
 
 import logging
-from typing import Dict
+from typing import Any, Dict
 
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import Tensor
@@ -15,6 +15,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from vimdet.modeling.vim_weights import (
     TRUNK_PREFIX,
+    adapt_trunk_to_options,
     convert_vim_state_dict,
     fit_trunk_state,
     is_released_vim_state,
@@ -22,7 +23,7 @@ from vimdet.modeling.vim_weights import (
 )
 
 from .io import load_checkpoint, state_dict_of
-from .safety import SafeCheckpointerMixin
+from .safety import SafeCheckpointerMixin, describe_keys_by_block
 
 __all__ = ["VimDetCheckpointer", "load_checkpoint_file"]
 
@@ -42,6 +43,9 @@ class VimDetCheckpointer(SafeCheckpointerMixin, DetectionCheckpointer):
     - A released Vim classification file given as MODEL.WEIGHTS is converted on the fly (its
       keys have no ``backbone.net.`` prefix, so Detectron2 would load none of them).
     - The position grid is resized (with a log line) when only its size differs.
+    - A Vim trunk loaded into a trunk with the options of docs/trunk_options.md fills the cross
+      route's column parameters from the row routes' and leaves the attention blocks' weights
+      new (:func:`~vimdet.modeling.vim_weights.adapt_trunk_to_options`), each logged.
     - Files are read without running code, saved atomically, resumed with a fallback, and the
       trunk must be complete (:class:`~vimdet.checkpoint.safety.SafeCheckpointerMixin`).
     """
@@ -63,7 +67,36 @@ class VimDetCheckpointer(SafeCheckpointerMixin, DetectionCheckpointer):
                 )
                 weights = {TRUNK_PREFIX + key: value for key, value in trunk.items()}
                 checkpoint["model"] = weights
-            fitted = fit_trunk_state(trunk_tensors(weights), net, "loading MODEL.WEIGHTS")
-            self.check_trunk_complete(fitted, net)
+            trunk, options = adapt_trunk_to_options(trunk_tensors(weights), net)
+            _log_trunk_options(options)
+            for key in options["dropped"]:
+                del weights[TRUNK_PREFIX + key]
+            fitted = fit_trunk_state(trunk, net, "loading MODEL.WEIGHTS")
+            self.check_trunk_complete(fitted, net, newly_initialised=options["new"])
             weights.update({TRUNK_PREFIX + key: value for key, value in fitted.items()})
         return super()._load_model(checkpoint)
+
+
+def _log_trunk_options(options: Dict[str, Any]) -> None:
+    """Log what :func:`adapt_trunk_to_options` filled, dropped and left newly initialised."""
+    if options["filled"]:
+        pairs = sorted(
+            {(k.split(".mixer.")[1], v.split(".mixer.")[1]) for k, v in options["filled"].items()}
+        )
+        logger.info(
+            "MODEL.WEIGHTS has no column-route tensors for MODEL.VIM.SCAN_ROUTES 'cross': filled "
+            "%s from the row routes' (%s)",
+            describe_keys_by_block(options["filled"]),
+            ", ".join(f"{column} <- {row}" for column, row in pairs),
+        )
+    if options["dropped"]:
+        logger.info(
+            "MODEL.WEIGHTS: dropped the Mamba mixer tensors of the attention blocks "
+            "(MODEL.VIM.ATTENTION_BLOCKS): %s",
+            describe_keys_by_block(options["dropped"]),
+        )
+    if options["new"]:
+        logger.info(
+            "MODEL.WEIGHTS: newly initialised (MODEL.VIM.ATTENTION_BLOCKS): %s",
+            describe_keys_by_block(options["new"]),
+        )

@@ -37,6 +37,15 @@ def add_vimdet_config(cfg: CN) -> None:
     cfg.MODEL.VIM.SCAN_BACKEND = "auto"
     # Recompute each block in the backward pass (activation checkpointing) to save memory.
     cfg.MODEL.VIM.USE_CHECKPOINT = False
+    # Walks of the Mamba blocks over the token grid (docs/trunk_options.md): "row" (Vim's),
+    # "row_column" (blocks alternate row- and column-major walks; same parameters as Vim) or
+    # "cross" (every block walks rows and columns both ways and averages: VMamba's cross-scan).
+    cfg.MODEL.VIM.SCAN_ROUTES = "row"
+    # 1-based blocks that use global multi-head self-attention instead of the Mamba mixer
+    # (MambaVision's late blocks), e.g. [21, 22, 23, 24]; [] for none.
+    cfg.MODEL.VIM.ATTENTION_BLOCKS = []
+    # Heads of those attention blocks; 0 means embed width // 64 (3 for Vim-T); must divide it.
+    cfg.MODEL.VIM.ATTENTION_HEADS = 0
     # Retired: must stay "". Models no longer load weights when built; give a released Vim file
     # (or a converted one) as MODEL.WEIGHTS, which the checkpointer converts. Kept so that old
     # configs fail with that advice instead of an unknown-key error.

@@ -9,9 +9,19 @@ from .backbone import (
     build_vim_fpn_backbone,
     vim_trunk_kwargs,
 )
-from .vim import VIM_SIZES, BiMambaMixer, RMSNorm, VimBlock, VisionMamba, resize_pos_embed
+from .vim import (
+    SCAN_ROUTES,
+    VIM_SIZES,
+    AttentionMixer,
+    BiMambaMixer,
+    RMSNorm,
+    VimBlock,
+    VisionMamba,
+    resize_pos_embed,
+)
 from .vim_weights import (
     TRUNK_PREFIX,
+    adapt_trunk_to_options,
     convert_vim_state_dict,
     fit_trunk_state,
     is_released_vim_state,
@@ -21,14 +31,17 @@ from .vim_weights import (
 )
 
 __all__ = [
+    "SCAN_ROUTES",
     "TRUNK_PREFIX",
     "VIM_SIZES",
+    "AttentionMixer",
     "BiMambaMixer",
     "ChannelLayerNorm",
     "RMSNorm",
     "VimBlock",
     "VimFeaturePyramid",
     "VisionMamba",
+    "adapt_trunk_to_options",
     "build_vim_fpn_backbone",
     "convert_vim_state_dict",
     "fit_trunk_state",

@@ -219,6 +219,9 @@ def vim_trunk_kwargs(cfg: CfgNode) -> dict:
         out_blocks=tuple(cfg.MODEL.VIM_FPN.IN_BLOCKS),
         scan_backend=vim.SCAN_BACKEND,
         use_checkpoint=vim.USE_CHECKPOINT,
+        scan_routes=vim.SCAN_ROUTES,
+        attention_blocks=tuple(vim.ATTENTION_BLOCKS),
+        attention_heads=vim.ATTENTION_HEADS,
     )
 
 

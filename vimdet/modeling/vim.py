@@ -5,13 +5,19 @@ Parameter names equal those of the released classification checkpoints (``patch_
 one to one. There is no class token: a detector reads a dense token grid. Parameters that take
 no weight decay (``pos_embed``, ``A_log``, ``D``, the RMSNorm weights) carry the flag
 ``_no_weight_decay``, as in mamba-ssm; :mod:`vimdet.solver` reads it.
+
+Two trunk options from Vim's successors (docs/trunk_options.md), off by default: scan routes over
+the 2-D token grid (``scan_routes``: Vim's rows, rows and columns in alternate blocks, or VMamba's
+four-route cross-scan, Liu et al., arXiv 2401.10166) and self-attention instead of the Mamba mixer
+in chosen blocks (``attention_blocks``, as MambaVision's late blocks, Hatamizadeh & Kautz, arXiv
+2407.08083).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +28,22 @@ from vimdet.ops import (
     add_rms_norm,
     add_rms_norm_reference,
     bidirectional_selective_scan,
+    column_major_walk,
     conv_both_directions,
 )
 
-__all__ = ["VIM_SIZES", "RMSNorm", "BiMambaMixer", "VimBlock", "VisionMamba", "resize_pos_embed"]
+__all__ = [
+    "BLOCK_ROUTES",
+    "SCAN_ROUTES",
+    "VIM_SIZES",
+    "AttentionMixer",
+    "BiMambaMixer",
+    "RMSNorm",
+    "VimBlock",
+    "VisionMamba",
+    "block_routes",
+    "resize_pos_embed",
+]
 
 # Published Vim sizes (Table 1 of the paper): embedding width and depth.
 VIM_SIZES: Dict[str, Dict[str, int]] = {
@@ -33,6 +51,29 @@ VIM_SIZES: Dict[str, Dict[str, int]] = {
     "small": {"embed_dim": 384, "depth": 24},
     "base": {"embed_dim": 768, "depth": 24},
 }
+
+#: The trunk's scan routes (``MODEL.VIM.SCAN_ROUTES``): "row" (Vim's row-major walk, both ways in
+#: every block), "row_column" (row-major in blocks 1, 3, ..., column-major in blocks 2, 4, ...),
+#: "cross" (all four routes in every block, averaged: VMamba's cross-scan).
+SCAN_ROUTES = ("row", "row_column", "cross")
+#: What one mixer walks: "row", "column" (both with Vim's parameters) or "cross" (row routes with
+#: Vim's parameters, column routes with their own ``*_c``/``*_cb`` ones).
+BLOCK_ROUTES = ("row", "column", "cross")
+#: Suffixes of each pair of directions' parameters: (forward, backward) along the rows, the
+#: released names, and along the columns (``cross`` only).
+_ROW_DIRECTIONS, _COLUMN_DIRECTIONS = ("", "_b"), ("_c", "_cb")
+
+
+def block_routes(scan_routes: str, depth: int) -> List[str]:
+    """The route of each of ``depth`` blocks (0-based) for a trunk's ``scan_routes``."""
+    if scan_routes not in SCAN_ROUTES:
+        raise ValueError(
+            f"VisionMamba: scan_routes {scan_routes!r} (MODEL.VIM.SCAN_ROUTES) is unknown; use "
+            f"one of {SCAN_ROUTES}"
+        )
+    if scan_routes == "row_column":
+        return ["row" if i % 2 == 0 else "column" for i in range(depth)]
+    return [scan_routes] * depth
 
 
 def _no_weight_decay(param: nn.Parameter) -> nn.Parameter:
@@ -108,7 +149,7 @@ def _scan_direction(
 
 
 class BiMambaMixer(nn.Module):
-    """Vim's bidirectional Mamba mixer ("bimamba v2" with divide-out).
+    """Vim's bidirectional Mamba mixer ("bimamba v2" with divide-out), along rows or columns.
 
     x, z = in_proj(h); each direction runs a causal depthwise conv, SiLU, x_proj -> (dt, B, C),
     dt_proj and the selective scan gated by SiLU(z); the backward direction has its own weights
@@ -116,6 +157,12 @@ class BiMambaMixer(nn.Module):
     :func:`vimdet.ops.bidirectional_selective_scan` walks down). Output:
     out_proj((y_fwd + y_bwd) / 2).
     Input and output: (B, L, dim). Parameter names are those of the released checkpoints.
+
+    The route says which walk over the (H, W) token grid the two directions take: "row" (Vim's),
+    "column" (down the columns, read in place, same parameters) or "cross" (VMamba's four routes,
+    Liu et al., arXiv 2401.10166: the rows both ways with the released parameters, the columns
+    both ways with their own, ``conv1d_c``, ``x_proj_c``, ``dt_proj_c``, ``A_c_log``, ``D_c`` and
+    the ``_cb`` ones for up the columns; output out_proj of the mean of the four).
 
     Args:
         dim: width of the token stream.
@@ -126,6 +173,7 @@ class BiMambaMixer(nn.Module):
         dt_min, dt_max: range of the initial step size delta (log-uniform).
         dt_init_floor: smallest initial delta.
         scan_backend: selective-scan backend, one of :data:`vimdet.ops.BACKENDS`.
+        route: the walk over the token grid, one of :data:`BLOCK_ROUTES`.
     """
 
     def __init__(
@@ -139,8 +187,12 @@ class BiMambaMixer(nn.Module):
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
         scan_backend: str = "auto",
+        route: str = "row",
     ):
         super().__init__()
+        if route not in BLOCK_ROUTES:
+            raise ValueError(f"BiMambaMixer: route {route!r} is unknown; use one of {BLOCK_ROUTES}")
+        self.route = route
         self.dim = dim
         self.d_state = d_state
         self.d_inner = expand * dim
@@ -165,39 +217,104 @@ class BiMambaMixer(nn.Module):
         self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b = _scan_direction(
             **direction
         )
+        if route == "cross":  # the column routes' own parameters (not in released files)
+            self.conv1d_c, self.x_proj_c, self.dt_proj_c, self.A_c_log, self.D_c = _scan_direction(
+                **direction
+            )
+            self.conv1d_cb, self.x_proj_cb, self.dt_proj_cb, self.A_cb_log, self.D_cb = (
+                _scan_direction(**direction)
+            )
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        """hidden (B, L, dim) -> (B, L, dim)."""
+    def forward(self, hidden: Tensor, grid: Tuple[int, int] | None = None) -> Tensor:
+        """hidden (B, L, dim), its tokens a row-major ``grid`` (H, W) -> (B, L, dim). The grid is
+        needed by the column and cross routes only."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # token-major (B, L, E) views
+        if self.route == "row":
+            return self.out_proj(self._scan_both_ways(x, z, None, _ROW_DIRECTIONS))
+        if grid is None or grid[0] * grid[1] != hidden.shape[1]:
+            raise ValueError(
+                f"BiMambaMixer: route {self.route!r} needs the (height, width) token grid of the "
+                f"{hidden.shape[1]} tokens, got {grid}"
+            )
+        columns = column_major_walk(*grid)
+        if self.route == "column":
+            return self.out_proj(self._scan_both_ways(x, z, columns, _ROW_DIRECTIONS))
+        rows = self._scan_both_ways(x, z, None, _ROW_DIRECTIONS)
+        return self.out_proj((rows + self._scan_both_ways(x, z, columns, _COLUMN_DIRECTIONS)) / 2)
+
+    def _scan_both_ways(
+        self, x: Tensor, z: Tensor, walk: Sequence[int] | None, suffixes: Tuple[str, str]
+    ) -> Tensor:
+        """The mean of both directions' gated scans along ``walk`` (None: row-major), with the
+        parameters named by ``suffixes``; x, z (B, L, E) token-major -> (B, L, E)."""
+        conv = [getattr(self, "conv1d" + s) for s in suffixes]
+        x_proj = [getattr(self, "x_proj" + s).weight for s in suffixes]
+        dt_proj = [getattr(self, "dt_proj" + s) for s in suffixes]
         # Both directions' convs + SiLU, token-major: (2, B, L, E). Each direction's projections
         # run as one batched matmul over the stacked weights; B and C are views of its output.
         u = conv_both_directions(
             x,
-            self.conv1d.weight,
-            self.conv1d.bias,
-            self.conv1d_b.weight,
-            self.conv1d_b.bias,
+            conv[0].weight,
+            conv[0].bias,
+            conv[1].weight,
+            conv[1].bias,
+            walk=walk,
             backend=self.scan_backend,
         )
-        x_proj = torch.stack([self.x_proj.weight, self.x_proj_b.weight]).transpose(1, 2)
-        dt, b, c = torch.matmul(u, x_proj[:, None]).split(
+        dt, b, c = torch.matmul(u, torch.stack(x_proj).transpose(1, 2)[:, None]).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1
         )
-        dt_proj = torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]).transpose(1, 2)
-        delta = torch.matmul(dt, dt_proj[:, None])  # its bias goes in as delta_bias
-        y = bidirectional_selective_scan(
+        dt_weights = torch.stack([proj.weight for proj in dt_proj]).transpose(1, 2)
+        delta = torch.matmul(dt, dt_weights[:, None])  # its bias goes in as delta_bias
+        a_log = torch.stack([getattr(self, f"A{s}_log") for s in suffixes])
+        return bidirectional_selective_scan(
             u,
             delta,
-            -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
+            -torch.exp(a_log.float()),
             b,
             c,
-            D=torch.stack([self.D, self.D_b]).float(),
+            D=torch.stack([getattr(self, "D" + s) for s in suffixes]).float(),
             z=z,
-            delta_bias=torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
+            delta_bias=torch.stack([proj.bias for proj in dt_proj]).float(),
             delta_softplus=True,
+            walk=walk,
             backend=self.scan_backend,
         )
-        return self.out_proj(y)
+
+
+class AttentionMixer(nn.Module):
+    """Global multi-head self-attention over the token grid (Vaswani et al. 2017), in place of
+    the Mamba mixer in MambaVision's late blocks (Hatamizadeh & Kautz, arXiv 2407.08083).
+
+    qkv (bias) -> ``F.scaled_dot_product_attention`` over all L tokens per head -> proj (bias).
+    Input and output: (B, L, dim); the grid is not needed (the trunk adds the position grid).
+
+    Args:
+        dim: width of the token stream.
+        num_heads: attention heads; must divide ``dim``.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if num_heads <= 0 or dim % num_heads:
+            raise ValueError(
+                f"AttentionMixer: {num_heads} heads (MODEL.VIM.ATTENTION_HEADS) do not divide the "
+                f"width {dim}; pick a divisor of {dim} (e.g. {max(1, dim // 64)})"
+            )
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+        for linear in (self.qkv, self.proj):  # ViT's init
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, hidden: Tensor, grid: Tuple[int, int] | None = None) -> Tensor:
+        """hidden (B, L, dim) -> (B, L, dim)."""
+        batch, length, dim = hidden.shape
+        qkv = self.qkv(hidden).view(batch, length, 3, self.num_heads, dim // self.num_heads)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, L, dim / heads)
+        out = F.scaled_dot_product_attention(query, key, value)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
 class VimBlock(nn.Module):
@@ -211,16 +328,39 @@ class VimBlock(nn.Module):
     Args:
         dim: width of the token stream.
         drop_path: stochastic-depth rate of this block's residual branch.
+        mixer: the token mixer, called as ``mixer(x, grid)``; None builds a
+            :class:`BiMambaMixer` from ``scan_backend`` and ``mixer_kwargs``.
+        scan_backend: the scan backend, which also picks the add + norm's implementation.
         mixer_kwargs: the rest of :class:`BiMambaMixer`'s arguments.
     """
 
-    def __init__(self, dim: int, drop_path: float = 0.0, **mixer_kwargs):
+    def __init__(
+        self,
+        dim: int,
+        drop_path: float = 0.0,
+        mixer: nn.Module | None = None,
+        scan_backend: str = "auto",
+        **mixer_kwargs,
+    ):
         super().__init__()
+        if mixer is not None and mixer_kwargs:
+            raise ValueError(
+                f"VimBlock: got a mixer and BiMambaMixer arguments {sorted(mixer_kwargs)}; pass "
+                "one or the other"
+            )
+        self.scan_backend = scan_backend
         self.norm = RMSNorm(dim)
-        self.mixer = BiMambaMixer(dim, **mixer_kwargs)
+        self.mixer = (
+            mixer
+            if mixer is not None
+            else BiMambaMixer(dim, scan_backend=scan_backend, **mixer_kwargs)
+        )
         self.drop_path = _DropPath(drop_path)
 
-    def forward(self, hidden: Tensor, residual: Tensor | None) -> Tuple[Tensor, Tensor]:
+    def forward(
+        self, hidden: Tensor, residual: Tensor | None, grid: Tuple[int, int] | None = None
+    ) -> Tuple[Tensor, Tensor]:
+        """grid: the (H, W) token grid, for mixers that walk it."""
         device_type = hidden.device.type
         normed, residual = add_rms_norm(
             hidden,
@@ -231,9 +371,9 @@ class VimBlock(nn.Module):
             out_dtype=torch.get_autocast_dtype(device_type)
             if torch.is_autocast_enabled(device_type)
             else torch.float32,
-            backend=self.mixer.scan_backend,
+            backend=self.scan_backend,
         )
-        return self.mixer(normed), residual
+        return self.mixer(normed, grid), residual
 
 
 @functools.lru_cache(maxsize=64)
@@ -303,6 +443,9 @@ class VisionMamba(nn.Module):
         out_blocks: 1-based blocks whose output stream is returned; the last must be ``depth``.
         scan_backend: selective-scan backend, one of :data:`vimdet.ops.BACKENDS`.
         use_checkpoint: recompute each block in the backward pass (activation checkpointing).
+        scan_routes: the walks of the Mamba blocks, one of :data:`SCAN_ROUTES`.
+        attention_blocks: 1-based blocks whose mixer is :class:`AttentionMixer` instead.
+        attention_heads: heads of those mixers; 0 means embed_dim // 64 (at least 1).
     """
 
     def __init__(
@@ -320,9 +463,19 @@ class VisionMamba(nn.Module):
         out_blocks: Sequence[int] = (6, 12, 18, 24),
         scan_backend: str = "auto",
         use_checkpoint: bool = False,
+        scan_routes: str = "row",
+        attention_blocks: Sequence[int] = (),
+        attention_heads: int = 0,
     ):
         super().__init__()
         out_blocks = tuple(int(k) for k in out_blocks)
+        attention_blocks = tuple(sorted({int(k) for k in attention_blocks}))
+        if attention_blocks and (attention_blocks[0] < 1 or attention_blocks[-1] > depth):
+            raise ValueError(
+                f"VisionMamba: attention_blocks {attention_blocks} (MODEL.VIM.ATTENTION_BLOCKS) "
+                f"must be 1-based block numbers in [1, depth={depth}]"
+            )
+        routes = block_routes(scan_routes, depth)
         if not out_blocks or min(out_blocks) < 1 or max(out_blocks) > depth:
             raise ValueError(
                 f"VisionMamba: out_blocks {out_blocks} must be 1-based block numbers "
@@ -339,6 +492,8 @@ class VisionMamba(nn.Module):
         self.patch_size = patch_size
         self.out_blocks = out_blocks
         self.use_checkpoint = use_checkpoint
+        self.scan_routes = scan_routes
+        self.attention_blocks = attention_blocks
         self.pretrain_grid = (pretrain_img_size // patch_size,) * 2
 
         self.patch_embed = _PatchEmbed(patch_size, in_chans, embed_dim)
@@ -347,14 +502,15 @@ class VisionMamba(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         # Vim's schedule: block 0 gets 0, block i gets linspace(0, rate, depth)[i - 1].
         rates = [0.0] + torch.linspace(0, drop_path_rate, depth).tolist()
+        heads = attention_heads or max(1, embed_dim // 64)
+        mamba = dict(d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank)
         self.layers = nn.ModuleList(
             VimBlock(
                 embed_dim,
                 drop_path=rates[i],
-                d_state=d_state,
-                d_conv=d_conv,
-                expand=expand,
-                dt_rank=dt_rank,
+                mixer=AttentionMixer(embed_dim, heads)
+                if i + 1 in attention_blocks
+                else BiMambaMixer(embed_dim, **mamba, scan_backend=scan_backend, route=routes[i]),
                 scan_backend=scan_backend,
             )
             for i in range(depth)
@@ -382,9 +538,9 @@ class VisionMamba(nn.Module):
         outputs = {}
         for index, layer in enumerate(self.layers, start=1):
             if self.use_checkpoint and self.training:
-                hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False)
+                hidden, residual = checkpoint(layer, hidden, residual, grid, use_reentrant=False)
             else:
-                hidden, residual = layer(hidden, residual)
+                hidden, residual = layer(hidden, residual, grid)
             if index in self.out_blocks:
                 feature = residual + hidden.float()
                 outputs[f"block{index}"] = feature.transpose(1, 2).reshape(

@@ -9,12 +9,17 @@ blocks): the trunk, ``cls_token``, ``pos_embed`` with the class row in the middl
 (row M // 2 of M + 1), ``norm_f`` and the classifier ``head``. The detector keeps the trunk,
 drops the class token, its position row, ``norm_f`` and ``head``, and keeps the position grid
 (resized to each input's token grid at run time).
+
+A trunk built with the options of docs/trunk_options.md has tensors no released file holds:
+:func:`adapt_trunk_to_options` fills the ``cross`` route's column parameters from the row
+routes' and leaves the attention blocks' weights to their init.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
@@ -24,6 +29,7 @@ from .vim import VisionMamba, resize_pos_embed
 
 __all__ = [
     "TRUNK_PREFIX",
+    "adapt_trunk_to_options",
     "convert_vim_state_dict",
     "fit_trunk_state",
     "is_released_vim_state",
@@ -119,6 +125,76 @@ def convert_vim_state_dict(
         trunk[key] = value
         kept.append(key)
     return trunk, {"kept": kept, "dropped": dropped}
+
+
+# Each direction's parameters, by suffix: the column routes' ("_c" down, "_cb" up) start from the
+# row routes' ("" forward, "_b" backward) when a Vim trunk is loaded into a "cross" trunk.
+_DIRECTION_TENSORS = ("conv1d{}.", "x_proj{}.", "dt_proj{}.", "A{}_log", "D{}")
+_COLUMN_SOURCES = {"_c": "", "_cb": "_b"}
+_BLOCK_MIXER = re.compile(r"layers\.(\d+)\.mixer\.(.+)")
+
+
+def _row_source(local: str) -> str | None:
+    """The row-route name that column-route tensor ``local`` (e.g. ``conv1d_cb.weight``) starts
+    from (``conv1d_b.weight``); None for a tensor of no column route."""
+    for template in _DIRECTION_TENSORS:
+        for column, row in _COLUMN_SOURCES.items():
+            name = template.format(column)
+            if local == name or (name.endswith(".") and local.startswith(name)):
+                return template.format(row) + local[len(name) :]
+    return None
+
+
+def adapt_trunk_to_options(
+    trunk_state: Mapping[str, Tensor], net: VisionMamba
+) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """Fit a Vim trunk's tensors (row routes, Mamba mixers everywhere: a released file, a
+    converted one, a row-route detector) to ``net``'s scan routes and attention blocks.
+
+    - ``cross`` blocks: each column-route tensor (``*_c``, ``*_cb``) is a copy of its row-route
+      twin (``conv1d_c.weight`` <- ``conv1d.weight``, ``A_cb_log`` <- ``A_b_log``, ...);
+    - attention blocks: the checkpoint's Mamba mixer tensors are dropped and the attention
+      mixer's are left to their init.
+
+    A state that already has any of these tensors is returned as is (the checkpointer then checks
+    it strictly). Returns ``(state, report)``, report with ``filled`` ({key: source key}),
+    ``dropped`` and ``new`` (trunk keys without the detector's prefix).
+    """
+    own = net.state_dict()
+    state = dict(trunk_state)
+    report: Dict[str, Any] = {"filled": {}, "dropped": [], "new": []}
+    option_keys = {key for key in own if _is_option_tensor(key, net)}
+    if not option_keys or option_keys & set(state):  # no options, or a checkpoint made with them
+        return state, report
+    attention = {block - 1 for block in net.attention_blocks}
+    for key in sorted(state):
+        match = _BLOCK_MIXER.match(key)
+        if match and int(match.group(1)) in attention:
+            report["dropped"].append(key)
+            del state[key]
+    for key in own:
+        match = _BLOCK_MIXER.match(key)
+        if not match or key in state:
+            continue
+        if int(match.group(1)) in attention:
+            report["new"].append(key)
+            continue
+        source = _row_source(match.group(2))
+        source_key = f"layers.{match.group(1)}.mixer.{source}" if source else None
+        if source_key in state:
+            state[key] = state[source_key].clone()
+            report["filled"][key] = source_key
+    return state, report
+
+
+def _is_option_tensor(key: str, net: VisionMamba) -> bool:
+    """Whether trunk ``key`` belongs to an attention block's mixer or a column route."""
+    match = _BLOCK_MIXER.match(key)
+    if not match:
+        return False
+    return (
+        int(match.group(1)) + 1 in net.attention_blocks or _row_source(match.group(2)) is not None
+    )
 
 
 def trunk_tensors(detector_state: Mapping[str, Tensor]) -> Dict[str, Tensor]:

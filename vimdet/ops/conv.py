@@ -4,16 +4,22 @@ The forward direction's conv is causal; the backward direction's, which Vim runs
 sequence, is unflipped an anti-causal conv with its taps reversed. Where the scan runs on the
 ``triton`` backend (:func:`vimdet.ops.resolve_backend`), both come from one Triton kernel that
 reads the token-major x once and writes token-major outputs; elsewhere from ``F.conv1d``.
+
+Both convs run along a walk over the token grid (:func:`vimdet.ops.scan_triton.column_major_walk`;
+row-major by default), the same walk the scan then takes: the Triton kernel reads and writes the
+tokens in place along it; ``F.conv1d`` runs on a copy gathered in walk order.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .conv_triton import conv_both_directions_triton
-from .selective_scan import resolve_backend
+from .selective_scan import _check_walk, _walk_positions, resolve_backend
 
 __all__ = ["conv_both_directions"]
 
@@ -24,6 +30,7 @@ def conv_both_directions(
     bias: Tensor,
     weight_b: Tensor,
     bias_b: Tensor,
+    walk: Sequence[int] | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """SiLU of both directions' depthwise convs of the token-major ``x``.
@@ -32,16 +39,34 @@ def conv_both_directions(
         x: (batch, L, E), any strides (e.g. half of ``in_proj``'s output).
         weight, bias: the forward direction's ``nn.Conv1d`` parameters, (E, 1, K) and (E,).
         weight_b, bias_b: the backward direction's, same shapes.
+        walk: (start, inner, inner_stride, outer_stride), the order of the tokens along which
+            both convs run (see :func:`vimdet.ops.bidirectional_selective_scan`); None: row-major.
         backend: the scan backend; ``triton`` runs the fused kernel.
 
     Returns:
-        (2, batch, L, E): direction 0 ``silu(b + sum_j w[K-1-j] x[t-j])``, direction 1
-        ``silu(b_b + sum_j w_b[K-1-j] x[t+j])``, x zero outside the sequence; x's dtype.
+        (2, batch, L, E) indexed by token: at walk position t, direction 0 ``silu(b + sum_j
+        w[K-1-j] x[t-j])``, direction 1 ``silu(b_b + sum_j w_b[K-1-j] x[t+j])``, x zero outside
+        the sequence; x's dtype.
     """
+    length = x.shape[1]
+    if walk is not None:  # the kernel indexes tokens by the walk: it must be a permutation
+        walk = tuple(int(v) for v in walk)
+        _check_walk(walk, length)
     if resolve_backend(backend, x.device) == "triton":
         return conv_both_directions_triton(
-            x, torch.stack([weight[:, 0], weight_b[:, 0]]), torch.stack([bias, bias_b])
+            x, torch.stack([weight[:, 0], weight_b[:, 0]]), torch.stack([bias, bias_b]), walk
         )
+    if walk is None:
+        return _conv_along_sequence(x, weight, bias, weight_b, bias_b)
+    tokens = _walk_positions(walk, length, x.device)
+    u = _conv_along_sequence(x.index_select(1, tokens), weight, bias, weight_b, bias_b)
+    return torch.empty_like(u).index_copy_(2, tokens, u)
+
+
+def _conv_along_sequence(
+    x: Tensor, weight: Tensor, bias: Tensor, weight_b: Tensor, bias_b: Tensor
+) -> Tensor:
+    """:func:`conv_both_directions` along x's stored order, with ``F.conv1d``."""
     channels_first = x.transpose(1, 2)  # (batch, E, L), as F.conv1d reads it
     taps, length = weight.shape[-1], x.shape[1]
     forward = F.conv1d(channels_first, weight, bias, padding=taps - 1, groups=x.shape[-1])

@@ -3,16 +3,17 @@
 ``vimdet::conv_both_directions`` with its autograd and fake implementations.
 
 x (batch, L, E), any batch and token strides -> u (2, batch, L, E) contiguous: direction 0 the
-causal conv + SiLU, direction 1 the anti-causal one (Vim's flipped branch, unflipped). The kernels
-are in :mod:`vimdet.ops.conv_triton_kernels`.
+causal conv + SiLU, direction 1 the anti-causal one (Vim's flipped branch, unflipped), both along a
+walk over the tokens (:func:`vimdet.ops.scan_triton.column_major_walk`; row-major by default), read
+and written in place. The kernels are in :mod:`vimdet.ops.conv_triton_kernels`.
 """
 
-from typing import Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .scan_triton import device_guard
+from .scan_triton import device_guard, row_major_walk
 
 try:
     import triton
@@ -34,27 +35,27 @@ def _grid(x: Tensor) -> Tuple[int, int, int]:
 
 
 @torch.library.custom_op("vimdet::conv_both_directions", mutates_args=())
-def _conv_op(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+def _conv_op(x: Tensor, weight: Tensor, bias: Tensor, walk: List[int]) -> Tensor:
     batch, length, channels = x.shape
     u = x.new_empty((2, batch, length, channels))
     with device_guard(x):
         kernels.conv_forward_kernel[_grid(x)](
             x, weight, bias, u, length, channels, x.stride(0), x.stride(1),
             weight.stride(0), weight.stride(1), bias.stride(0),
-            u.stride(0), u.stride(1), u.stride(2),
+            u.stride(0), u.stride(1), u.stride(2), *walk,
             TAPS=weight.shape[-1], BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1],
         )  # fmt: skip
     return u
 
 
 @_conv_op.register_fake
-def _conv_fake(x, weight, bias):
+def _conv_fake(x, weight, bias, walk):
     return x.new_empty((2, *x.shape))
 
 
 @torch.library.custom_op("vimdet::conv_both_directions_backward", mutates_args=())
 def _conv_backward_op(
-    du: Tensor, x: Tensor, weight: Tensor, bias: Tensor
+    du: Tensor, x: Tensor, weight: Tensor, bias: Tensor, walk: List[int]
 ) -> Tuple[Tensor, Tensor, Tensor]:
     batch, length, channels = x.shape
     taps = weight.shape[-1]
@@ -69,12 +70,12 @@ def _conv_backward_op(
         kernels.conv_backward_kernel[grid](
             x, weight, bias, du, grads, dw_parts, dbias_parts, length, channels,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0),
-            du.stride(0), du.stride(1), du.stride(2),
+            du.stride(0), du.stride(1), du.stride(2), *walk,
             TAPS=taps, BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1],
         )  # fmt: skip
         kernels.conv_backward_input_kernel[grid](
             grads, weight, dx, length, channels, batch, weight.stride(0), weight.stride(1),
-            dx.stride(0), dx.stride(1), TAPS=taps, BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1],
+            dx.stride(0), dx.stride(1), *walk, TAPS=taps, BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1],
         )  # fmt: skip
     # Partial sums added in a fixed order: deterministic, no atomics.
     dweight = dw_parts.sum(0).transpose(1, 2).contiguous().to(weight.dtype)
@@ -82,7 +83,7 @@ def _conv_backward_op(
 
 
 @_conv_backward_op.register_fake
-def _conv_backward_fake(du, x, weight, bias):
+def _conv_backward_fake(du, x, weight, bias, walk):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         weight.new_empty(weight.shape),
@@ -91,20 +92,26 @@ def _conv_backward_fake(du, x, weight, bias):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    x, weight, bias, walk = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.walk = walk
 
 
 def _backward(ctx, du):
     x, weight, bias = ctx.saved_tensors
-    return _conv_backward_op(du, x, weight, bias)
+    return (*_conv_backward_op(du, x, weight, bias, ctx.walk), None)
 
 
 _conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def conv_both_directions_triton(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """x (batch, L, E); weight (2, E, K) taps of both directions; bias (2, E) -> u (2, batch, L,
-    E) in x's dtype. x is read in place when its channels are contiguous."""
+def conv_both_directions_triton(
+    x: Tensor, weight: Tensor, bias: Tensor, walk: Optional[Sequence[int]] = None
+) -> Tensor:
+    """x (batch, L, E); weight (2, E, K) taps of both directions; bias (2, E); a checked walk
+    (None: row-major) -> u (2, batch, L, E) in x's dtype, indexed by token. x is read in place
+    when its channels are contiguous."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return _conv_op(x, weight.contiguous(), bias.contiguous())
+    walk = [int(v) for v in walk] if walk is not None else row_major_walk(x.shape[1])
+    return _conv_op(x, weight.contiguous(), bias.contiguous(), walk)
