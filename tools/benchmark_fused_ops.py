@@ -99,9 +99,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
 
-    print(
-        f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, batch 2, fwd+bwd GPU kernel ms"
-    )
+    device = torch.cuda.get_device_name(0)
+    print(f"# {device}, torch {torch.__version__}, batch 2, fwd+bwd GPU kernel ms")
     print("| op | width | tokens | eager | compiled | triton | compiled / triton |")
     print("|---|---|---|---|---|---|---|")
     ops = variants()
