@@ -8,7 +8,8 @@ Options (docs/trunk_options.md): ``row`` (Vim), ``row_column``, ``cross`` (MODEL
 and ``attention`` (MODEL.VIM.ATTENTION_BLOCKS: the last four blocks). Each is trained from scratch
 by ``tools/train_net.py`` on ``configs/shapes/cascade_vim_t_shapes_gpu.yaml`` (the built-in large
 shapes split, bf16) for ``--iters`` iterations with the same seed; the four trainings run at once,
-as separate processes sharing the GPU, so their s/it are not comparable (the step time comes from
+as separate processes spread over the GPUs present (sharing one GPU, or one GPU each on a 4-GPU
+host), so their s/it are not comparable (the step time comes from
 ``tools/benchmark_backbones.py``, run alone afterwards at ``--bench-size``). Each run's val
 detections are scored with pycocotools: box AP, AP50, AP per class, and AP over ground-truth
 subsets by box shape (tall: height >= 2 x width; wide: width >= 2 x height; compact: the rest),
@@ -31,6 +32,7 @@ import time
 from typing import Dict, List
 
 import numpy as np
+import torch
 from detectron2.data import MetadataCatalog
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -89,7 +91,8 @@ def train_all(args: argparse.Namespace, settings: Dict) -> Dict[str, float]:
         ensure_shapes_dataset(name)
     train, val = settings["datasets"]
     processes, started = {}, time.perf_counter()
-    for option in args.options:
+    gpus = torch.cuda.device_count()
+    for index, option in enumerate(args.options):
         out = os.path.join(args.output_dir, option)
         os.makedirs(out, exist_ok=True)
         command = [
@@ -99,7 +102,11 @@ def train_all(args: argparse.Namespace, settings: Dict) -> Dict[str, float]:
             "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{val}',)", "OUTPUT_DIR", out,
         ]  # fmt: skip
         log = open(os.path.join(out, "stdout.log"), "w")
-        processes[option] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log)
+        env = dict(os.environ)
+        if gpus > 1:  # spread the runs over the GPUs present
+            env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        processes[option] = (process, log)
         print(f"started {option}: {' '.join(command)}", flush=True)
     wall = {}
     for option, (process, log) in processes.items():
