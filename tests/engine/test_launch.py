@@ -165,3 +165,32 @@ def test_a_hung_rank_on_another_machine_stops_the_others_naming_it(tmp_path):
     ]
     assert "rank 0 (process 0 of machine 0" in output and "lost another rank" in output
     assert waited < 5 + 5 + 10  # --rank-timeout + a meeting period + slack
+
+
+@pytest.mark.distributed
+def test_a_killed_process_stops_its_machine_naming_its_rank(tmp_path):
+    """Two CPU processes on one machine; one is killed (SIGKILL) mid-run."""
+    opts = ["SOLVER.MAX_ITER", "100000", "SOLVER.CHECKPOINT_PERIOD", "100000"]
+    opts += ["DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path / "output")]
+    url = f"tcp://127.0.0.1:{free_port()}"
+    machine = train_net(tmp_path, "--num-gpus", "2", "--dist-url", url, *opts)
+    try:
+        log = tmp_path / "output" / "log.txt.rank1"
+        deadline = time.monotonic() + 120
+        while "Starting training" not in (log.read_text() if log.exists() else ""):
+            assert machine.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        killed = training_processes(machine.pid)[-1]
+        os.kill(killed, signal.SIGKILL)
+        stopped = time.monotonic()
+        machine.wait(timeout=60)
+        waited = time.monotonic() - stopped
+    finally:
+        for pid in child_pids(machine.pid):
+            os.kill(pid, signal.SIGKILL)
+        machine.kill()
+        machine.wait()
+    output = (tmp_path / "console.txt").read_text()
+    assert machine.returncode == 1, output[-3000:]
+    assert f"of machine 0, pid {killed}) was killed by SIGKILL" in output, output[-3000:]
+    assert waited < 15
