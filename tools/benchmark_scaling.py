@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -252,6 +253,13 @@ def compare_detections(one: Path, other: Path) -> Dict[str, Any]:
             (max(abs(u - v) for u, v in zip(x["bbox"], y["bbox"])) for x, y in zip(a, b)), default=0
         )
     return result
+
+
+def same_results(one: Dict[str, float] | None, other: Dict[str, float] | None) -> bool:
+    """The same metrics with the same values (NaN, an AP without ground truth, equals NaN)."""
+    if not one or not other or one.keys() != other.keys():
+        return False
+    return all(one[k] == other[k] or (math.isnan(one[k]) and math.isnan(other[k])) for k in one)
 
 
 def compare_losses(
@@ -479,7 +487,9 @@ def main() -> None:
             for n in (1, largest)
         ]
         evaluation["detections_1_vs_largest"] = compare_detections(*detections)
-        evaluation["same_ap"] = evaluation[1].get("bbox") == evaluation[largest].get("bbox")
+        evaluation["same_ap"] = same_results(
+            evaluation[1].get("bbox"), evaluation[largest].get("bbox")
+        )
         summary["parts"]["eval"] = evaluation
 
     if "resume" in parts:
@@ -525,13 +535,13 @@ def main() -> None:
 
     summary["wall_s"] = round(time.perf_counter() - started, 1)
     (args.output / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    (args.output / "summary.md").write_text(markdown(summary))
     with tarfile.open(args.output / "logs.tar.gz", "w:gz") as tar:
         tar.add(logs, arcname="logs")
         for folder in sorted(args.workdir.iterdir()):
             for name in ("log.txt", "metrics.json"):
                 if (folder / name).exists():
                     tar.add(folder / name, arcname=f"{folder.name}/{name}")
+    (args.output / "summary.md").write_text(markdown(summary))
     print((args.output / "summary.md").read_text())
 
 
@@ -569,7 +579,7 @@ def markdown(summary: Dict[str, Any]) -> str:
                 lines.append("")
     if "eval" in parts:
         for n, r in parts["eval"].items():
-            shown = r if str(n).startswith("detections") else (r.get("status"), r.get("bbox"))
+            shown = (r.get("status"), r.get("bbox")) if str(n).isdigit() else r
             lines.append(f"**eval {n}**: {json.dumps(shown)}")
         lines.append("")
     if "cpu_eval" in parts:

@@ -58,3 +58,43 @@ def test_compare_detections_finds_the_largest_differences(tmp_path, tool):
     assert found["max_box_diff_px"] == pytest.approx(0.25)
     (tmp_path / "b.json").write_text(json.dumps(other[:1]))
     assert not tool.compare_detections(tmp_path / "a.json", tmp_path / "b.json")["same"]
+
+
+def test_same_results_counts_nan_as_equal(tool):
+    nan = float("nan")
+    assert tool.same_results({"AP": 1.5, "APl": nan}, {"AP": 1.5, "APl": nan})
+    assert not tool.same_results({"AP": 1.5, "APl": nan}, {"AP": 1.6, "APl": nan})
+    assert not tool.same_results({}, {}) and not tool.same_results(None, {"AP": 1.0})
+
+
+def test_markdown_shows_every_part(tool):
+    bbox = {"AP": 12.5, "AP50": float("nan")}
+    losses = [{"iteration": 19, "total_loss": [2.5, 2.5], "lr": [1e-4, 1e-4]}]
+    summary = {
+        "command": "python tools/benchmark_scaling.py --output out",
+        "config": "configs/shapes/cascade_vim_t_shapes_gpu.yaml",
+        "ims_per_gpu": 4,
+        "iters": 140,
+        "timed_rows": [39, 119],
+        "wall_s": 400.0,
+        "parts": {
+            "scaling": {
+                1: {"status": "ok", "s_per_it": 0.3, "images_per_s": 13.3, "efficiency": 1.0},
+                4: {"status": "failed", "peak_mem_mib": {0: 30000, 1: 31000}},
+            },
+            "machines": {"status": "ok", "losses_vs_one_machine": losses},
+            "eval": {
+                1: {"status": "ok", "bbox": bbox},
+                4: {"status": "ok", "bbox": bbox},
+                "detections_1_vs_largest": {"compared": True, "same": True},
+                "same_ap": True,
+            },
+            "resume": {"status": "timeout"},
+            "cpu_eval": {"status": "ok", "bbox": bbox},
+        },
+    }
+    text = tool.markdown(summary)
+    assert "| 1 | ok | 0.3 | 13.3 | 1.0 |" in text
+    assert "| 4 | failed | None | None | None | 30000, 31000 |" in text
+    assert "| 19 | total_loss | 2.5 | 2.5 |" in text
+    assert "**eval same_ap**: true" in text and "**resume**: timeout" in text
