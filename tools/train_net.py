@@ -7,15 +7,18 @@
     python tools/train_net.py --config-file ... --resume      # continue from the last checkpoint
 
 Multi-node: add ``--num-machines M --machine-rank R --dist-url tcp://HOST:PORT`` on every node.
+The launch is checked before any process starts, and a training process that dies or hangs
+stops the others within ``--rank-timeout`` seconds (docs/distributed.md).
 """
 
+import argparse
 import logging
 import os
 import sys
 import time
 
 from detectron2.data import DatasetCatalog
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -24,6 +27,7 @@ import vimdet  # noqa: F401  (registers the backbone and the built-in datasets)
 from vimdet.checkpoint import VimDetCheckpointer
 from vimdet.config import build_cfg
 from vimdet.engine import VimDetTrainer, write_prediction_pngs
+from vimdet.engine.launch import RankWatchdog, launch_training
 from vimdet.engine.summary import bbox_metrics, evaluate_untrained, format_summary
 
 logger = logging.getLogger("vimdet")
@@ -77,7 +81,29 @@ def print_summary(args, cfg, results, untrained, pictures, started):
     print(summary, flush=True)
 
 
+def argument_parser() -> argparse.ArgumentParser:
+    """Detectron2's arguments, and ViMDet's --rank-timeout."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=180.0,
+        help="seconds after which the training processes stop, with a message naming the rank, "
+        "when one of them died or hangs (default 180)",
+    )
+    return parser
+
+
 def main(args):
+    # A thread that notices a lost training process (on another machine, say) and stops this one.
+    watchdog = RankWatchdog(args.rank_timeout) if comm.get_world_size() > 1 else None
+    results = train_or_evaluate(args)
+    if watchdog is not None:  # not on an error: the others must see this process gone
+        watchdog.stop()
+    return results
+
+
+def train_or_evaluate(args):
     started = time.perf_counter()
     cfg = setup(args)
     if args.eval_only:
@@ -114,13 +140,14 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
+    launch_training(
         main,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        device=build_cfg(args.config_file, args.opts).MODEL.DEVICE,
     )

@@ -236,11 +236,21 @@ def build_resumable_train_loader(
 class ExactResumeHook(HookBase):
     """Seeds every iteration from (seed, rank, iteration); starts the data at the right batch.
 
-    Its state (the seed) is saved in every checkpoint with the trainer's.
+    Its state (the seed, the total batch and the number of processes) is saved in every
+    checkpoint with the trainer's. A checkpoint resumes on any number of processes as long as
+    the total batch ``SOLVER.IMS_PER_BATCH`` is the same (each process then takes its share, and
+    the iteration, learning rate and schedule continue); another total batch is refused, since
+    the checkpoint's iteration counts batches of its own size.
+
+    Args:
+        seed: the run's seed (the same on every rank).
+        ims_per_batch: images per iteration over all processes (``SOLVER.IMS_PER_BATCH`` after
+            Detectron2's ``auto_scale_workers``).
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, ims_per_batch: int) -> None:
         self.seed = seed
+        self.ims_per_batch = ims_per_batch
 
     def _stream(self) -> ResumableTrainStream | None:
         dataset = getattr(self.trainer.data_loader, "dataset", None)
@@ -261,9 +271,37 @@ class ExactResumeHook(HookBase):
         seed_all(_derived_seed(self.seed, comm.get_rank(), self.trainer.iter, 2))
 
     def state_dict(self) -> Dict[str, int]:
-        return {"seed": self.seed}
+        return {
+            "seed": self.seed,
+            "ims_per_batch": self.ims_per_batch,
+            "world_size": comm.get_world_size(),
+        }
 
     def load_state_dict(self, state_dict: Dict[str, int]) -> None:
+        saved_batch = state_dict.get("ims_per_batch", self.ims_per_batch)  # older checkpoints
+        saved_world = state_dict.get("world_size", comm.get_world_size())
+        if saved_batch != self.ims_per_batch:
+            raise ValueError(
+                f"--resume: the checkpoint was trained with SOLVER.IMS_PER_BATCH {saved_batch} "
+                f"(all {saved_world} processes together) and this run has {self.ims_per_batch} "
+                "(after SOLVER.REFERENCE_WORLD_SIZE's scaling, if set). Its iteration counts "
+                f"batches of {saved_batch} images, so it is no place in this run's schedule. "
+                f"Resume with SOLVER.IMS_PER_BATCH {saved_batch} SOLVER.REFERENCE_WORLD_SIZE 0 "
+                "(each process takes its share; learning rate and schedule continue), or start "
+                "a new run without --resume (docs/distributed.md)"
+            )
+        if saved_world != comm.get_world_size():
+            logger.info(
+                "Resuming a checkpoint of %d processes on %d: the same %d images per iteration, "
+                "%d per process instead of %d; the iteration, learning rate and schedule "
+                "continue, while the data order and random draws differ from an uninterrupted "
+                "run (they depend on the rank)",
+                saved_world,
+                comm.get_world_size(),
+                saved_batch,
+                saved_batch // comm.get_world_size(),
+                saved_batch // saved_world,
+            )
         if state_dict["seed"] != self.seed:
             logger.info("Resuming with the checkpoint's seed %d", state_dict["seed"])
         self.seed = state_dict["seed"]

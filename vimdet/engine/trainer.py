@@ -89,7 +89,8 @@ class VimDetTrainer(DefaultTrainer):
         # seeded RNGs.
         stream = getattr(self.data_loader, "dataset", None)
         seed = stream.seed if isinstance(stream, ResumableTrainStream) else max(self.cfg.SEED, 0)
-        return [ExactResumeHook(seed)] + super().build_hooks()
+        hook = ExactResumeHook(seed, ims_per_batch=self.cfg.SOLVER.IMS_PER_BATCH)
+        return [hook] + super().build_hooks()
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
