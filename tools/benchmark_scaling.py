@@ -222,6 +222,12 @@ def seconds_per_iteration(arrivals: Dict[int, float], first: int, last: int) -> 
     return (arrivals[last] - arrivals[first]) / (last - first)
 
 
+def console_text(logs: Path, name: str) -> str:
+    """Rank 0's console of part ``name``; empty for a part that never ran (skipped)."""
+    path = logs / f"{name}.0.console.txt"
+    return path.read_text() if path.exists() else ""
+
+
 def copypaste_results(console: str) -> Dict[str, float]:
     """The bbox AP line that Detectron2 prints as ``copypaste: AP,AP50,...`` then the values."""
     lines = console.splitlines()
@@ -475,7 +481,7 @@ def main() -> None:
         for n in sorted({1, largest}):
             result = part(f"eval_{n}gpu", [eval_command(n, args.workdir / f"eval_{n}gpu", final)])
             result.pop("arrivals", None)
-            console = (logs / f"eval_{n}gpu.0.console.txt").read_text()
+            console = console_text(logs, f"eval_{n}gpu")
             result["bbox"] = copypaste_results(console)
             evaluation[n] = result
         detections = [
@@ -502,7 +508,7 @@ def main() -> None:
             (output / "last_checkpoint").write_text(checkpoint)
             result.update(part("resume_on_1", [train_command(1, output, args.iters, "--resume")]))
             result.pop("arrivals", None)
-            console = (logs / "resume_on_1.0.console.txt").read_text()
+            console = console_text(logs, "resume_on_1")
             result["started_at"] = f"Starting training from iteration {checkpoint_at}" in console
             result["cross_world_size_logged"] = "Resuming a checkpoint of" in console
             result["losses_vs_uninterrupted"] = compare_losses(
@@ -530,7 +536,7 @@ def main() -> None:
             envs=[cpu_env],
         )
         result.pop("arrivals", None)
-        result["bbox"] = copypaste_results((logs / "cpu_eval.0.console.txt").read_text())
+        result["bbox"] = copypaste_results(console_text(logs, "cpu_eval"))
         summary["parts"]["cpu_eval"] = result
 
     summary["wall_s"] = round(time.perf_counter() - started, 1)

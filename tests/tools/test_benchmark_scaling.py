@@ -44,6 +44,16 @@ def test_copypaste_results_reads_detectron2s_bbox_lines(tool):
     assert tool.copypaste_results("no evaluation here") == {}
 
 
+def test_a_part_skipped_at_the_deadline_reads_as_no_console(tmp_path, tool):
+    # A GPU call once ended in a FileNotFoundError here, losing every figure before the summary.
+    (tmp_path / "eval_4gpu.0.console.txt").write_text("copypaste: AP,AP50\ncopypaste: 1.0,2.0\n")
+    assert tool.console_text(tmp_path, "eval_1gpu") == ""
+    assert tool.copypaste_results(tool.console_text(tmp_path, "eval_4gpu")) == {
+        "AP": 1.0,
+        "AP50": 2.0,
+    }
+
+
 def test_compare_detections_finds_the_largest_differences(tmp_path, tool):
     one = [
         {"image_id": 1, "category_id": 2, "score": 0.9, "bbox": [0, 0, 10, 10]},
