@@ -163,11 +163,10 @@ def export_detector(
 
 
 def _where(failure) -> str:
-    """Where in user code a draft-export failure happened (the last user frame)."""
-    data = getattr(failure, "data", {}) or {}
-    stack = data.get("user_stack") or data.get("stack") or []
-    frames = [frame for frame in stack if "torch/" not in str(getattr(frame, "filename", ""))]
-    if not frames:
-        return str(data.get("expr", failure))[:200]
-    frame = frames[-1]
-    return f"{frame.filename}:{frame.lineno} ({data.get('expr', '')})"
+    """A draft-export failure in one line: the decision and the user code that made it."""
+    data = failure.data
+    stack = data.get("user_stack") or []
+    where = (
+        f" at `{stack[-1].get('loc', '').strip()}` in {stack[-1].get('name', '?')}" if stack else ""
+    )
+    return f"{data.get('expr', data.get('op', ''))}{where}"
