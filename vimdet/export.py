@@ -14,9 +14,13 @@ shapes; on ``chunked`` as plain PyTorch ops, which ONNX can also take. mamba-ssm
 the ``reference`` loop unrolls to L steps per block: both are refused with a message.
 
 Detectron2's proposal and box post-processing branch on data (``if not valid_mask.all()``,
-``keep.sum().item() != len(boxes)`` in ``find_top_rpn_proposals``), which ``torch.export``
-cannot trace; :func:`export_detector` therefore uses ``torch.export.draft_export``, which takes
-the branch the example image took and guards it with a runtime assert (docs/analysis.md).
+``keep.sum().item() != len(boxes)`` in ``find_top_rpn_proposals``, the count of scores above the
+threshold in ``fast_rcnn_inference``), which ``torch.export`` cannot trace.
+:func:`export_detector` therefore uses ``torch.export.draft_export``, which takes the branches
+the example image took and guards them with runtime asserts: the program raises on an image
+that would take another (docs/analysis.md). :func:`trace_detector` is Detectron2's own export
+route, ``torch.jit.trace``, for which Detectron2 writes those branches trace-friendly: the whole
+detector, sound on any image of the size.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ __all__ = [
     "export_detector",
     "fixed_size_inference",
     "scan_backends",
+    "trace_detector",
 ]
 
 logger = logging.getLogger(__name__)
@@ -160,6 +165,17 @@ def export_detector(
             + "\n".join(f"  {failure.failure_type.name}: {_where(failure)}" for failure in failures)
         )
     return adapter, program
+
+
+def trace_detector(
+    model: nn.Module, image: Tensor
+) -> Tuple[TracingAdapter, torch.jit.ScriptModule]:
+    """TorchScript trace (Detectron2's ``--export-method tracing``) of the whole detector for
+    images of ``image``'s shape; the scan is one op (``vimdet::bidirectional_scan`` or
+    ``vimdet::scan_walk``) on every backend, so loading the file needs ``import vimdet``."""
+    adapter = detector_adapter(model, image)
+    with torch.no_grad():
+        return adapter, torch.jit.trace(adapter, (image,), check_trace=False)
 
 
 def _where(failure) -> str:
