@@ -17,9 +17,9 @@ an ONNX model (``torch.onnx.export``, the chunked scan only) and runs it in onnx
 Every exported program is compared with the eager model on ``--num-images`` images of the
 config's first test set (the built-in dataset, generated on first use), each resized to fit
 H x W and padded with zeros at the bottom and right. The tolerances are the ``--*-atol``
-arguments; the tool exits with status 1 if any is exceeded (or the program raises). Files
-written: ``<output>.pt2`` (torch.export), ``<output>.ts`` (trace), ``<output>.onnx`` (an existing
-file is never overwritten).
+arguments; the tool exits with status 1 if any is exceeded (or the program raises), and then
+writes no program. Files written: ``<output>.pt2`` (torch.export), ``<output>.ts`` (trace),
+``<output>.onnx`` (checked before the others; an existing file is never overwritten).
 """
 
 from __future__ import annotations
@@ -175,6 +175,8 @@ def export_and_check(args, cfg, model) -> List[str]:
                     f"onnx image {index}: {p}" for p in compare_detections(expected, actual, atol)
                 ]
                 adapter_outputs.append(len(actual))
+    if problems:  # a program that differs from the model is not written
+        return problems
     if "torch" in args.format and isinstance(program, torch.jit.ScriptModule):
         path = output_path(args.output, ".ts")
         torch.jit.save(program, path)
