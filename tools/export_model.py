@@ -18,8 +18,9 @@ Every exported program is compared with the eager model on ``--num-images`` imag
 config's first test set (the built-in dataset, generated on first use), each resized to fit
 H x W and padded with zeros at the bottom and right. The tolerances are the ``--*-atol``
 arguments; the tool exits with status 1 if any is exceeded (or the program raises), and then
-writes no program. Files written: ``<output>.pt2`` (torch.export), ``<output>.ts`` (trace),
-``<output>.onnx`` (checked before the others; an existing file is never overwritten).
+writes no ``.pt2``/``.ts`` (an ``.onnx`` file is written before onnxruntime can check it, and
+stays for inspection). Files written: ``<output>.pt2`` (torch.export), ``<output>.ts`` (trace),
+``<output>.onnx``; an existing file is never overwritten.
 """
 
 from __future__ import annotations
