@@ -44,6 +44,7 @@ __all__ = [
     "export_backbone",
     "export_detector",
     "fixed_size_inference",
+    "instances_from_outputs",
     "scan_backends",
     "trace_detector",
 ]
