@@ -376,12 +376,27 @@ class VimBlock(nn.Module):
         return self.mixer(normed, grid), residual
 
 
-@functools.lru_cache(maxsize=64)
+def _tracing() -> bool:
+    """Whether torch.export, torch.compile or torch.jit.trace is tracing: tensors made now are
+    fake (export, compile) or recorded (jit), and must not be cached for later calls."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _bicubic_matrix(src: int, dst: int, device: torch.device) -> Tensor:
-    """(dst, src) weights of PyTorch's 1-D bicubic resize (align_corners=False), as a matrix."""
+    """(dst, src) weights of PyTorch's 1-D bicubic resize (align_corners=False), as a matrix;
+    cached, except while the model is traced."""
+    if _tracing():
+        return _bicubic_weights(src, dst, device)
+    return _cached_bicubic_weights(src, dst, device)
+
+
+def _bicubic_weights(src: int, dst: int, device: torch.device) -> Tensor:
     basis = torch.eye(src, device=device)[None, :, :, None]  # src signals of length src
     weights = F.interpolate(basis, size=(dst, 1), mode="bicubic", align_corners=False)
     return weights[0, :, :, 0].t().contiguous()
+
+
+_cached_bicubic_weights = functools.lru_cache(maxsize=64)(_bicubic_weights)
 
 
 def resize_pos_embed(
@@ -518,10 +533,11 @@ class VisionMamba(nn.Module):
         self._pos_cache: Dict[Tuple, Tensor] = {}
 
     def position_embedding(self, grid: Tuple[int, int]) -> Tensor:
-        """The position grid resized to ``grid``; cached per size while no gradient is needed."""
+        """The position grid resized to ``grid``; cached per size while no gradient is needed
+        and the model is not traced."""
         if grid == self.pretrain_grid:
             return self.pos_embed
-        if torch.is_grad_enabled() and self.pos_embed.requires_grad:
+        if (torch.is_grad_enabled() and self.pos_embed.requires_grad) or _tracing():
             return resize_pos_embed(self.pos_embed, self.pretrain_grid, grid)
         key = (grid, self.pos_embed._version, self.pos_embed.device, self.pos_embed.dtype)
         if key not in self._pos_cache:

@@ -68,9 +68,10 @@ def _conv_along_sequence(
 ) -> Tensor:
     """:func:`conv_both_directions` along x's stored order, with ``F.conv1d``."""
     channels_first = x.transpose(1, 2)  # (batch, E, L), as F.conv1d reads it
-    taps, length = weight.shape[-1], x.shape[1]
-    forward = F.conv1d(channels_first, weight, bias, padding=taps - 1, groups=x.shape[-1])
+    taps = weight.shape[-1]
+    # Zeros before (causal) or after (anti-causal) the sequence: L outputs each, none discarded.
+    forward = F.conv1d(F.pad(channels_first, (taps - 1, 0)), weight, bias, groups=x.shape[-1])
     backward = F.conv1d(
         F.pad(channels_first, (0, taps - 1)), weight_b.flip(-1), bias_b, groups=x.shape[-1]
     )
-    return F.silu(torch.stack([forward[..., :length], backward])).transpose(2, 3)
+    return F.silu(torch.stack([forward, backward])).transpose(2, 3)

@@ -484,7 +484,8 @@ def scan_walk(
     """
     if triton is None:
         raise RuntimeError(TRITON_HINT)
-    walk = list(walk) if walk is not None else row_major_walk(u.shape[2])
+    # Plain ints: under torch.jit.trace, sizes are traced values, which the op's int[] rejects.
+    walk = [int(v) for v in walk] if walk is not None else row_major_walk(int(u.shape[2]))
     A, D, delta_bias = (t.contiguous() if t is not None else None for t in (A, D, delta_bias))
     try:
         return _scan_walk_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk)

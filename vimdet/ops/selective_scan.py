@@ -181,7 +181,29 @@ def bidirectional_selective_scan(
     name = resolve_backend(backend, u.device)
     if name == "triton":
         return scan_walk(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk)
-    # Elsewhere: one single-direction scan per direction, on copies gathered in walk order.
+    if torch.jit.is_tracing():  # one node in the trace: see _traced_scan_op
+        walk = None if walk is None else list(walk)
+        return _traced_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk, name)
+    return _scan_directions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk, name)
+
+
+def _scan_directions(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    walk: Sequence[int] | None,
+    name: str,
+) -> Tensor:
+    """The scan of both directions on a single-direction backend ``name`` (not ``triton``): one
+    scan per direction, on copies gathered in walk order. Inputs as
+    :func:`bidirectional_selective_scan`, checked."""
+    length = u.shape[2]
     scan = _BACKEND_FUNCTIONS[name]
     order = None if walk is None else _walk_positions(walk, length, u.device)
     orders = [order]
@@ -204,6 +226,26 @@ def bidirectional_selective_scan(
             y = torch.empty_like(y).index_copy_(1, tokens, y)
         total = y.float() if total is None else total + y.float()
     return (total / u.shape[0]).to(u.dtype)
+
+
+# Under ``torch.jit.trace`` (fvcore's FLOP and activation counts, TorchScript export), a scan on a
+# single-direction backend is recorded as this one op instead of the backend's many small ops (or
+# its autograd function, which the tracer records as an opaque ``prim::PythonOp``), just as the
+# ``triton`` backend is one ``vimdet::scan_walk``. It runs the same backend on the same inputs, so
+# what the model computes does not change; fvcore counts it with
+# :func:`vimdet.ops.flops.scan_flop_jit`. Inference only (no autograd formula): tracing is.
+_traced_scan_op = torch.library.custom_op(
+    "vimdet::bidirectional_scan",
+    _scan_directions,
+    mutates_args=(),
+    schema="(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+    "Tensor? delta_bias, bool delta_softplus, int[]? walk, str name) -> Tensor",
+)
+
+
+@_traced_scan_op.register_fake
+def _traced_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk, name):
+    return u.new_empty(u.shape[1:])
 
 
 def _channel_major(tensor: Tensor, tokens: Tensor | None) -> Tensor:

@@ -1,0 +1,189 @@
+"""A ViMDet detector for deployment: ``torch.export`` programs and ONNX at a fixed input size.
+
+The exported detector takes one (3, H, W) image (the model's input format, any dtype; H and W
+fixed at export and multiples of the backbone's size divisibility) and returns, through
+Detectron2's :class:`~detectron2.export.TracingAdapter`, the flattened fields of its
+``Instances``: boxes (K, 4) in the image's pixels, classes (K,), scores (K,) and the image size.
+Inside are the trunk, pyramid, RPN, Cascade heads and their post-processing (box decoding,
+score threshold, NMS, top-k); resizing a user's picture to that size is left to the caller.
+
+The scan is exported as it runs: on the ``triton`` backend (GPU) as the custom ops
+``vimdet::scan_walk`` and ``vimdet::conv_both_directions``, whose fake kernels give their
+shapes; on ``chunked`` as plain PyTorch ops, which ONNX can also take. mamba-ssm's kernel
+(``cuda``) is a Python autograd function around a CUDA extension that export cannot trace, and
+the ``reference`` loop unrolls to L steps per block: both are refused with a message.
+
+Detectron2's proposal and box post-processing branch on data (``if not valid_mask.all()``,
+``keep.sum().item() != len(boxes)`` in ``find_top_rpn_proposals``, the count of scores above the
+threshold in ``fast_rcnn_inference``), which ``torch.export`` cannot trace.
+:func:`export_detector` therefore uses ``torch.export.draft_export``, which takes the branches
+the example image took and guards them with runtime asserts: the program raises on an image
+that would take another (docs/analysis.md). :func:`trace_detector` is Detectron2's own export
+route, ``torch.jit.trace``, for which Detectron2 writes those branches trace-friendly: the whole
+detector, sound on any image of the size.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+from detectron2.export import TracingAdapter
+from detectron2.structures import ImageList, Instances
+from torch import Tensor, nn
+
+from vimdet.ops import resolve_backend
+
+__all__ = [
+    "EXPORTABLE_BACKENDS",
+    "ONNX_BACKENDS",
+    "check_export_backend",
+    "check_export_size",
+    "detector_adapter",
+    "export_backbone",
+    "export_detector",
+    "fixed_size_inference",
+    "instances_from_outputs",
+    "scan_backends",
+    "trace_detector",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Scan backends whose model ``torch.export`` can carry, and those ONNX can.
+EXPORTABLE_BACKENDS = ("triton", "chunked")
+ONNX_BACKENDS = ("chunked",)
+
+
+def check_export_size(height: int, width: int, divisibility: int) -> None:
+    """Raise ValueError unless (height, width) is a positive multiple of ``divisibility``."""
+    if height <= 0 or width <= 0 or height % divisibility or width % divisibility:
+        fit = (
+            max(divisibility, -(-height // divisibility) * divisibility),
+            max(divisibility, -(-width // divisibility) * divisibility),
+        )
+        raise ValueError(
+            f"export: input size {height}x{width} is not a multiple of the backbone's size "
+            f"divisibility {divisibility} (its coarsest stride); export at {fit[0]}x{fit[1]} and "
+            "pad images to it (zeros at the bottom and right, as Detectron2 pads)"
+        )
+
+
+def scan_backends(model: nn.Module, device: torch.device) -> List[str]:
+    """The scan backends the model's mixers resolve to on ``device`` (one per distinct setting)."""
+    requested = {m.scan_backend for m in model.modules() if hasattr(m, "scan_backend")}
+    return sorted({resolve_backend(name, device) for name in requested})
+
+
+def check_export_backend(model: nn.Module, device: torch.device, onnx: bool = False) -> None:
+    """Raise ValueError if the model's scan runs on a backend that cannot be exported (to ONNX
+    when ``onnx``), naming the backend to use instead."""
+    allowed = ONNX_BACKENDS if onnx else EXPORTABLE_BACKENDS
+    for name in scan_backends(model, device):
+        if name not in allowed:
+            target = "ONNX" if onnx else "torch.export"
+            reason = {
+                "cuda": "mamba-ssm's kernel is an autograd function around a CUDA extension "
+                "without a registered op or fake kernel",
+                "reference": "its per-step loop would unroll to one op per token",
+                "triton": "its Triton kernels are custom ops without an ONNX symbolic",
+            }[name]
+            raise ValueError(
+                f"export: the selective scan runs on the {name!r} backend on {device}, which "
+                f"{target} cannot take ({reason}). Set MODEL.VIM.SCAN_BACKEND to one of "
+                f"{allowed} (or VIMDET_SCAN_BACKEND)"
+            )
+
+
+def fixed_size_inference(model: nn.Module, inputs: List[Dict[str, Tensor]]) -> List[Dict]:
+    """GeneralizedRCNN's inference on one image of an already valid size, without Detectron2's
+    data-dependent padding (``ImageList.from_tensors``) and without rescaling the boxes."""
+    image = inputs[0]["image"]
+    normalized = (image.to(model.pixel_mean) - model.pixel_mean) / model.pixel_std
+    images = ImageList(normalized[None], [tuple(image.shape[-2:])])
+    features = model.backbone(images.tensor)
+    proposals, _ = model.proposal_generator(images, features, None)
+    results, _ = model.roi_heads(images, features, proposals, None)
+    return [{"instances": results[0]}]
+
+
+def detector_adapter(model: nn.Module, image: Tensor) -> TracingAdapter:
+    """Detectron2's TracingAdapter around ``model`` (eval mode) for one (3, H, W) image:
+    ``adapter(image)`` returns the flattened Instances (see the module docstring)."""
+    if model.training:
+        raise ValueError("export: put the model in eval mode first (model.eval())")
+    divisibility = model.backbone.size_divisibility
+    check_export_size(image.shape[-2], image.shape[-1], divisibility)
+    return TracingAdapter(model, [{"image": image}], fixed_size_inference)
+
+
+def instances_from_outputs(adapter: TracingAdapter, outputs: Sequence[Tensor]) -> Instances:
+    """The Instances an exported adapter's flat outputs stand for."""
+    return adapter.outputs_schema(list(outputs))[0]["instances"]
+
+
+class _BackboneTuple(nn.Module):
+    """The backbone with its outputs as a tuple, in ``output_shape()`` order."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.names = list(backbone.output_shape())
+
+    def forward(self, images: Tensor) -> Tuple[Tensor, ...]:
+        features = self.backbone(images)
+        return tuple(features[name] for name in self.names)
+
+
+def export_backbone(
+    model: nn.Module, images: Tensor
+) -> Tuple[nn.Module, torch.export.ExportedProgram]:
+    """``torch.export`` of the trunk and pyramid for normalised (B, 3, H, W) ``images``; returns
+    the module exported (outputs p2..p6 as a tuple) and its program."""
+    check_export_size(images.shape[-2], images.shape[-1], model.backbone.size_divisibility)
+    check_export_backend(model, images.device)
+    module = _BackboneTuple(model.backbone).eval()
+    with torch.no_grad():
+        return module, torch.export.export(module, (images,), strict=False)
+
+
+def export_detector(
+    model: nn.Module, image: Tensor, log: Callable[[str], None] = logger.info
+) -> Tuple[TracingAdapter, torch.export.ExportedProgram]:
+    """``torch.export`` (draft mode, see the module docstring) of the whole detector for images
+    of ``image``'s shape; returns the adapter (for its output schema) and the program."""
+    check_export_backend(model, image.device)
+    adapter = detector_adapter(model, image)
+    with torch.no_grad():
+        program = torch.export.draft_export(adapter, tuple(adapter.flattened_inputs), strict=False)
+    report = getattr(program, "_report", None)
+    failures = getattr(report, "failures", [])
+    if failures:
+        log(
+            f"export: {len(failures)} data-dependent decision(s) in Detectron2's post-processing "
+            "were specialized to the example image's values and guarded by runtime asserts:\n"
+            + "\n".join(f"  {failure.failure_type.name}: {_where(failure)}" for failure in failures)
+        )
+    return adapter, program
+
+
+def trace_detector(
+    model: nn.Module, image: Tensor
+) -> Tuple[TracingAdapter, torch.jit.ScriptModule]:
+    """TorchScript trace (Detectron2's ``--export-method tracing``) of the whole detector for
+    images of ``image``'s shape; the scan is one op (``vimdet::bidirectional_scan`` or
+    ``vimdet::scan_walk``) on every backend, so loading the file needs ``import vimdet``."""
+    adapter = detector_adapter(model, image)
+    with torch.no_grad():
+        return adapter, torch.jit.trace(adapter, (image,), check_trace=False)
+
+
+def _where(failure) -> str:
+    """A draft-export failure in one line: the decision and the user code that made it."""
+    data = failure.data
+    stack = data.get("user_stack") or []
+    where = (
+        f" at `{stack[-1].get('loc', '').strip()}` in {stack[-1].get('name', '?')}" if stack else ""
+    )
+    return f"{data.get('expr', data.get('op', ''))}{where}"
