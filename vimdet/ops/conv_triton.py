@@ -113,5 +113,5 @@ def conv_both_directions_triton(
     when its channels are contiguous."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    walk = [int(v) for v in walk] if walk is not None else row_major_walk(x.shape[1])
+    walk = [int(v) for v in walk] if walk is not None else row_major_walk(int(x.shape[1]))
     return _conv_op(x, weight.contiguous(), bias.contiguous(), walk)

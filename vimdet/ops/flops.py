@@ -24,7 +24,9 @@ A (dirs, E, N). Its count, :func:`scan_flops`, is the work of the recurrence its
 so ``dirs * batch * L * E * (4 N + 3)``; the mean of the two directions (one add per output)
 is element-wise and not counted. The depthwise convolutions of both directions,
 ``vimdet::conv_both_directions`` (``triton``) or two ``F.conv1d`` elsewhere, count
-``2 * batch * L * E * K``: fvcore's count of a convolution (bias and SiLU not counted).
+``2 * batch * L * E * K``: fvcore's count of a convolution (bias and SiLU not counted). The
+blocks' residual add + RMSNorm, ``vimdet::add_rms_norm`` (``triton``) or PyTorch's element-wise
+ops elsewhere, counts 0 FLOPs and 0 activations either way (element-wise work).
 """
 
 from __future__ import annotations
@@ -91,13 +93,21 @@ def output_activation_jit(inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
     return count
 
 
+def elementwise_jit(inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
+    """fvcore handle of ``vimdet::add_rms_norm``: element-wise work, which fvcore's convention
+    leaves out (0), as it leaves out the PyTorch ops that compute it off the ``triton`` path."""
+    return 0
+
+
 #: fvcore FLOP handles of ViMDet's ops: ``FlopCountAnalysis(...).set_op_handle(**these)``.
 VIMDET_FLOP_HANDLES: Dict[str, Callable[..., int]] = {
     "vimdet::scan_walk": scan_flop_jit,
     "vimdet::bidirectional_scan": scan_flop_jit,
     "vimdet::conv_both_directions": conv_both_directions_flop_jit,
+    "vimdet::add_rms_norm": elementwise_jit,
 }
-#: fvcore activation handles of ViMDet's ops (output elements).
-VIMDET_ACTIVATION_HANDLES: Dict[str, Callable[..., int]] = dict.fromkeys(
-    VIMDET_FLOP_HANDLES, output_activation_jit
-)
+#: fvcore activation handles of ViMDet's ops (output elements; none for element-wise work).
+VIMDET_ACTIVATION_HANDLES: Dict[str, Callable[..., int]] = {
+    **dict.fromkeys(VIMDET_FLOP_HANDLES, output_activation_jit),
+    "vimdet::add_rms_norm": elementwise_jit,
+}
