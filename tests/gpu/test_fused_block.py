@@ -47,19 +47,28 @@ def test_add_rms_norm_matches_reference_at_vim_b_width(out_dtype):
         assert relative_error(actual, expected) < limit, name
 
 
-def paired_trunks(drop_path_rate: float):
+def paired_trunks(drop_path_rate: float, **options):
     torch.manual_seed(0)
     kwargs = dict(embed_dim=384, depth=4, out_blocks=(2, 4), drop_path_rate=drop_path_rate)
+    kwargs.update(options)
     fused = VisionMamba(scan_backend="triton", **kwargs).cuda()
     reference = VisionMamba(scan_backend="chunked", **kwargs).cuda()
     reference.load_state_dict(fused.state_dict())
     return fused, reference
 
 
+OPTIONS = {  # the default trunk, and the trunk options of docs/trunk_options.md
+    "row": {},
+    "row_column": {"scan_routes": "row_column"},
+    "cross+attention": {"scan_routes": "cross", "attention_blocks": (4,)},
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
-def test_fused_trunk_matches_reference_trunk(dtype, training):
-    fused, reference = paired_trunks(drop_path_rate=0.3)
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_fused_trunk_matches_reference_trunk(dtype, training, option):
+    fused, reference = paired_trunks(drop_path_rate=0.3, **OPTIONS[option])
     image = torch.randn(2, 3, 20 * 16, 33 * 16, device="cuda")  # an odd 20x33 grid
     results = []
     for net in (fused, reference):

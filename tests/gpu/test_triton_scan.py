@@ -160,8 +160,11 @@ def test_column_walk_matches_transposed_grid():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_conv_of_both_directions_matches_conv1d(dtype):
-    # Vim-B's inner width at 800x1344; x is half of in_proj's output, as in the mixer.
+@pytest.mark.parametrize("walk", [None, (50, 84)], ids=["rows", "columns of 50x84"])
+def test_conv_of_both_directions_matches_conv1d(dtype, walk):
+    # Vim-B's inner width at 800x1344; x is half of in_proj's output, as in the mixer. The
+    # column walk (MODEL.VIM.SCAN_ROUTES) reads x in place; the F.conv1d path gathers a copy.
+    walk = None if walk is None else column_major_walk(*walk)
     gen = torch.Generator(device="cuda").manual_seed(0)
     xz = torch.randn(2, 4200, 2 * 1536, generator=gen, device="cuda").to(dtype)
     params = [
@@ -174,7 +177,9 @@ def test_conv_of_both_directions_matches_conv1d(dtype):
     for backend in ("triton", "chunked"):  # chunked: the F.conv1d path
         leaves = [xz.clone().requires_grad_()] + [p.clone().requires_grad_() for p in params]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            out = conv_both_directions(leaves[0][..., :1536], *leaves[1:], backend=backend)
+            out = conv_both_directions(
+                leaves[0][..., :1536], *leaves[1:], walk=walk, backend=backend
+            )
         upstream = torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)
         results.append((out, torch.autograd.grad((out.float() * upstream).sum(), leaves)))
     (out, grads), (expected, expected_grads) = results
