@@ -7,10 +7,10 @@
 
 ``--part detector`` exports the whole detector through Detectron2's ``TracingAdapter``
 (:mod:`vimdet.export`): it takes one (3, H, W) image in the model's input format and returns
-boxes, classes, scores and the image size. ``--method export`` uses ``torch.export`` (draft mode:
-Detectron2's data-dependent post-processing becomes runtime asserts, which fail on images that
-take other branches); ``--method trace`` uses ``torch.jit.trace``, Detectron2's own tracing
-export, which holds for every image of the size. ``--part backbone`` exports the
+boxes, classes, scores and the image size. ``--method export`` uses ``torch.export`` of
+Detectron2's inference written without data-dependent Python branches
+(:mod:`vimdet.export.inference`); ``--method trace`` uses ``torch.jit.trace``, Detectron2's own
+tracing export. Both hold for every image of the size. ``--part backbone`` exports the
 trunk and pyramid: a normalised (1, 3, H, W) tensor in, p2..p6 out. ``--format onnx`` also writes
 an ONNX model (``torch.onnx.export``, the chunked scan only) and runs it in onnxruntime on the CPU.
 
@@ -159,7 +159,7 @@ def export_and_check(args, cfg, model) -> List[str]:
                 try:
                     actual = instances_from_outputs(adapter, run(image))
                     found = compare_detections(expected, actual, atol)
-                except RuntimeError as error:  # a draft program's runtime assert
+                except RuntimeError as error:  # e.g. an op the program cannot run on this input
                     found = [f"the exported program raised: {error}"]
                 problems += [f"image {index}: {p}" for p in found]
                 logger.info("image %d: %d detections, %s", index, len(expected), found or "equal")
@@ -200,8 +200,8 @@ def main(argv: List[str] | None = None) -> int:
         "--method",
         choices=("export", "trace"),
         default="export",
-        help="detector: torch.export (draft: runtime asserts on data-dependent branches) or "
-        "torch.jit.trace (Detectron2's tracing export, sound on every image)",
+        help="detector: torch.export (vimdet.export.inference: Detectron2's inference without "
+        "data-dependent branches) or torch.jit.trace (Detectron2's tracing export)",
     )
     parser.add_argument("--num-images", type=int, default=4, help="test images to compare on")
     parser.add_argument("--box-atol", type=float, default=1e-2, help="pixels")

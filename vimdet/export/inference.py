@@ -12,6 +12,8 @@ branches replaced by branch-free operations that select the same rows:
 - ``Boxes(tensor)`` checks ``tensor.numel() == 0``: :func:`as_boxes` wraps a tensor without it;
 - ``Boxes.clip``'s ``assert torch.isfinite(boxes).all()`` is dropped: on boxes with NaN or inf
   eager raises and the program returns them clipped (the RPN's are removed before, as in eager);
+- NMS is ``vimdet::nms`` (torchvision's, with a fake kernel that allows 0 or 1 kept boxes:
+  vimdet/ops/nms.py);
 - torchvision's ``batched_nms`` picks its algorithm by the number of boxes and returns early on
   none: :func:`batched_nms` is its offset algorithm (the one it always takes under tracing)
   without the early return. On more than 1000 boxes (CPU) eager loops over the classes instead;
@@ -33,7 +35,8 @@ from detectron2.modeling.proposal_generator import RPN
 from detectron2.modeling.roi_heads import CascadeROIHeads
 from detectron2.structures import Boxes, Instances
 from torch import Tensor, nn
-from torchvision.ops import nms
+
+from vimdet.ops.nms import nms
 
 __all__ = [
     "as_boxes",

@@ -14,18 +14,16 @@ shapes; on ``chunked`` as plain PyTorch ops, which ONNX can also take. mamba-ssm
 the ``reference`` loop unrolls to L steps per block: both are refused with a message.
 
 Detectron2's proposal and box post-processing branch on data (``if not valid_mask.all()``,
-``keep.sum().item() != len(boxes)`` in ``find_top_rpn_proposals``, the count of scores above the
-threshold in ``fast_rcnn_inference``), which ``torch.export`` cannot trace.
-:func:`export_detector` therefore uses ``torch.export.draft_export``, which takes the branches
-the example image took and guards them with runtime asserts: the program raises on an image
-that would take another (docs/analysis.md). :func:`trace_detector` is Detectron2's own export
-route, ``torch.jit.trace``, for which Detectron2 writes those branches trace-friendly: the whole
-detector, sound on any image of the size.
+``keep.sum().item() != len(boxes)``, ``len(instances)``), which ``torch.export`` cannot trace.
+:func:`export_detector` exports :func:`vimdet.export.inference.export_inference`, the same
+inference with those pieces written without branches: a sound program, whose post-processing
+keeps as many boxes as each image needs (data-dependent sizes). :func:`trace_detector` is
+Detectron2's own export route, ``torch.jit.trace`` of GeneralizedRCNN's modules, which Detectron2
+writes trace-friendly: also sound on any image of the size.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
@@ -33,6 +31,7 @@ from detectron2.export import TracingAdapter
 from detectron2.structures import ImageList, Instances
 from torch import Tensor, nn
 
+from vimdet.export.inference import export_inference
 from vimdet.ops import resolve_backend
 
 __all__ = [
@@ -49,7 +48,6 @@ __all__ = [
     "trace_detector",
 ]
 
-logger = logging.getLogger(__name__)
 
 #: Scan backends whose model ``torch.export`` can carry, and those ONNX can.
 EXPORTABLE_BACKENDS = ("triton", "chunked")
@@ -108,14 +106,17 @@ def fixed_size_inference(model: nn.Module, inputs: List[Dict[str, Tensor]]) -> L
     return [{"instances": results[0]}]
 
 
-def detector_adapter(model: nn.Module, image: Tensor) -> TracingAdapter:
+def detector_adapter(
+    model: nn.Module, image: Tensor, inference: Callable = fixed_size_inference
+) -> TracingAdapter:
     """Detectron2's TracingAdapter around ``model`` (eval mode) for one (3, H, W) image:
-    ``adapter(image)`` returns the flattened Instances (see the module docstring)."""
+    ``adapter(image)`` returns the flattened Instances (see the module docstring) of
+    ``inference(model, [{"image": image}])``."""
     if model.training:
         raise ValueError("export: put the model in eval mode first (model.eval())")
     divisibility = model.backbone.size_divisibility
     check_export_size(image.shape[-2], image.shape[-1], divisibility)
-    return TracingAdapter(model, [{"image": image}], fixed_size_inference)
+    return TracingAdapter(model, [{"image": image}], inference)
 
 
 def instances_from_outputs(adapter: TracingAdapter, outputs: Sequence[Tensor]) -> Instances:
@@ -149,22 +150,15 @@ def export_backbone(
 
 
 def export_detector(
-    model: nn.Module, image: Tensor, log: Callable[[str], None] = logger.info
+    model: nn.Module, image: Tensor
 ) -> Tuple[TracingAdapter, torch.export.ExportedProgram]:
-    """``torch.export`` (draft mode, see the module docstring) of the whole detector for images
-    of ``image``'s shape; returns the adapter (for its output schema) and the program."""
+    """``torch.export`` of the whole detector (:func:`~vimdet.export.inference.export_inference`)
+    for images of ``image``'s shape; returns the adapter (for its output schema) and the
+    program."""
     check_export_backend(model, image.device)
-    adapter = detector_adapter(model, image)
+    adapter = detector_adapter(model, image, export_inference)
     with torch.no_grad():
-        program = torch.export.draft_export(adapter, tuple(adapter.flattened_inputs), strict=False)
-    report = getattr(program, "_report", None)
-    failures = getattr(report, "failures", [])
-    if failures:
-        log(
-            f"export: {len(failures)} data-dependent decision(s) in Detectron2's post-processing "
-            "were specialized to the example image's values and guarded by runtime asserts:\n"
-            + "\n".join(f"  {failure.failure_type.name}: {_where(failure)}" for failure in failures)
-        )
+        program = torch.export.export(adapter, tuple(adapter.flattened_inputs), strict=False)
     return adapter, program
 
 
@@ -177,13 +171,3 @@ def trace_detector(
     adapter = detector_adapter(model, image)
     with torch.no_grad():
         return adapter, torch.jit.trace(adapter, (image,), check_trace=False)
-
-
-def _where(failure) -> str:
-    """A draft-export failure in one line: the decision and the user code that made it."""
-    data = failure.data
-    stack = data.get("user_stack") or []
-    where = (
-        f" at `{stack[-1].get('loc', '').strip()}` in {stack[-1].get('name', '?')}" if stack else ""
-    )
-    return f"{data.get('expr', data.get('op', ''))}{where}"

@@ -1,7 +1,9 @@
 """Ops: the selective scan, one dispatcher over its Triton, CUDA, chunked and reference backends,
-the mixer's depthwise convolutions of both directions, and the blocks' residual add + RMSNorm."""
+the mixer's depthwise convolutions of both directions, the blocks' residual add + RMSNorm, and
+NMS as an op with an exact fake kernel (for the exported detector)."""
 
 from .conv import conv_both_directions
+from .nms import nms
 from .norm import add_rms_norm, add_rms_norm_reference
 from .scan_mamba import cuda_kernel_available
 from .scan_triton import column_major_walk, row_major_walk, triton_available
@@ -24,6 +26,7 @@ __all__ = [
     "column_major_walk",
     "conv_both_directions",
     "cuda_kernel_available",
+    "nms",
     "resolve_backend",
     "row_major_walk",
     "selective_scan",
