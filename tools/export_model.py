@@ -12,7 +12,8 @@ Detectron2's inference written without data-dependent Python branches
 (:mod:`vimdet.export.inference`); ``--method trace`` uses ``torch.jit.trace``, Detectron2's own
 tracing export. Both hold for every image of the size. ``--part backbone`` exports the
 trunk and pyramid: a normalised (1, 3, H, W) tensor in, p2..p6 out. ``--format onnx`` also writes
-an ONNX model (``torch.onnx.export``, the chunked scan only) and runs it in onnxruntime on the CPU.
+an ONNX model (``torch.onnx.export`` of the torch.export program, the chunked scan only; for the
+detector ``--method export``) and runs it in onnxruntime on the CPU.
 
 Every exported program is compared with the eager model on ``--num-images`` images of the
 config's first test set (the built-in dataset, generated on first use), each resized to fit
@@ -49,6 +50,7 @@ from vimdet.export import (
     export_backbone,
     export_detector,
     instances_from_outputs,
+    onnx_translations,
     trace_detector,
 )
 
@@ -116,10 +118,10 @@ def export_and_check(args, cfg, model) -> List[str]:
     check_export_size(height, width, model.backbone.size_divisibility)
     device = model.device
     if "onnx" in args.format:
-        if args.part == "detector":
+        if args.part == "detector" and args.method == "trace":
             raise ValueError(
-                "export: the detector has no ONNX export (docs/analysis.md says why); use "
-                "--part backbone --format onnx"
+                "export: ONNX of the detector is made from its torch.export program; use "
+                "--method export with --format onnx"
             )
         check_export_backend(model, device, onnx=True)
     images = [image.to(device) for image in fixed_size_images(cfg, height, width, args.num_images)]
@@ -165,17 +167,23 @@ def export_and_check(args, cfg, model) -> List[str]:
                 logger.info("image %d: %d detections, %s", index, len(expected), found or "equal")
         if "onnx" in args.format:
             onnx_path = output_path(args.output, ".onnx")
-            torch.onnx.export(program, (images[0],), onnx_path, dynamo=True)
+            torch.onnx.export(
+                program,
+                (images[0],),
+                onnx_path,
+                dynamo=True,
+                custom_translation_table=onnx_translations(),
+            )
             logger.info("Wrote %s", onnx_path)
-            adapter_outputs = []
             for index, image in enumerate(images):
                 expected = instances_from_outputs(adapter, adapter(image))
                 outputs = [torch.as_tensor(o) for o in run_onnx(onnx_path, [image])]
                 actual = instances_from_outputs(adapter, outputs)
-                problems += [
-                    f"onnx image {index}: {p}" for p in compare_detections(expected, actual, atol)
-                ]
-                adapter_outputs.append(len(actual))
+                found = compare_detections(expected, actual, atol)
+                problems += [f"onnx image {index}: {p}" for p in found]
+                logger.info(
+                    "onnx image %d: %d detections, %s", index, len(actual), found or "equal"
+                )
     if problems:  # a program that differs from the model is not written
         return problems
     if "torch" in args.format and isinstance(program, torch.jit.ScriptModule):

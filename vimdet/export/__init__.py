@@ -13,6 +13,7 @@ from vimdet.export.programs import (
     export_detector,
     fixed_size_inference,
     instances_from_outputs,
+    onnx_translations,
     scan_backends,
     trace_detector,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "export_inference",
     "fixed_size_inference",
     "instances_from_outputs",
+    "onnx_translations",
     "scan_backends",
     "trace_detector",
 ]

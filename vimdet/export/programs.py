@@ -44,6 +44,7 @@ __all__ = [
     "export_detector",
     "fixed_size_inference",
     "instances_from_outputs",
+    "onnx_translations",
     "scan_backends",
     "trace_detector",
 ]
@@ -171,3 +172,12 @@ def trace_detector(
     adapter = detector_adapter(model, image)
     with torch.no_grad():
         return adapter, torch.jit.trace(adapter, (image,), check_trace=False)
+
+
+def onnx_translations() -> Dict:
+    """``custom_translation_table`` for ``torch.onnx.export`` of an exported detector: its
+    ``vimdet::nms`` (vimdet/ops/nms.py) is translated as onnxscript translates
+    ``torchvision::nms`` (ONNX ``NonMaxSuppression``)."""
+    from onnxscript.function_libs.torch_lib.ops.vision import torchvision_nms
+
+    return {torch.ops.vimdet.nms.default: torchvision_nms}
