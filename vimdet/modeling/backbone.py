@@ -2,8 +2,8 @@
 
 ViTDet (Li et al., arXiv 2203.16527) builds its pyramid from the last block alone; ViMDet feeds
 each level from its own block (by default blocks 6/12/18/24 -> strides 4/8/16/32), each resampled
-from the trunk's stride (16, or the patch size) with ViTDet's up/down-sampling and LayerNorm'd 1x1 and 3x3 convs, plus
-a max-pooled p6.
+from the trunk's stride (its patch size, 16 by default) with ViTDet's up/down-sampling and
+LayerNorm'd 1x1 and 3x3 convs, plus a max-pooled p6.
 """
 
 from __future__ import annotations
