@@ -146,7 +146,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
         "--max-iter", type=int, default=0, help="cap every run at this many iterations (tests)"
     )
     parser.add_argument(
-        "--time-limit", type=float, default=330.0, help="stop runs still going after this (s)"
+        "--time-limit", type=float, default=360.0, help="stop runs still going after this (s)"
     )
     args = parser.parse_args(argv)
     if args.jobs < 1:
