@@ -29,6 +29,18 @@ def test_registered_under_its_name():
     assert "build_vim_fpn_backbone" in BACKBONE_REGISTRY
 
 
+def test_patch8_trunk_gives_strides_4_to_64():
+    # A patch-8 trunk: p2 is one 2x up-sampling, p3 the trunk's own grid, p5 a 4x max-pool.
+    backbone = build_backbone(tiny_cfg(**{"MODEL.VIM.PATCH_SIZE": "8"}))
+    outputs = backbone(torch.randn(1, 3, 64, 128))
+    strides = {name: spec.stride for name, spec in backbone.output_shape().items()}
+    assert strides == {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
+    for name, feature in outputs.items():
+        assert feature.shape[-2:] == (64 // strides[name], 128 // strides[name]), name
+    assert isinstance(backbone.stages[3][0], torch.nn.MaxPool2d)
+    assert backbone.stages[3][0].kernel_size == 4
+
+
 @pytest.mark.parametrize("size", [(128, 128), (96, 160), (101, 77)], ids=["square", "wide", "odd"])
 def test_pyramid_shapes_after_padding(size):
     backbone = build_backbone(tiny_cfg())
@@ -116,6 +128,10 @@ def test_named_sizes():
         ({"MODEL.VIM.DEPTH": "0"}, "'custom' needs MODEL.VIM.EMBED_DIM and MODEL.VIM.DEPTH > 0"),
         ({"MODEL.VIM_FPN.STRIDES": "[4, 8, 16]"}, "give one stride per block"),
         ({"MODEL.VIM_FPN.STRIDES": "[2, 8, 16, 32]"}, "stride 2 is not supported"),
+        (
+            {"MODEL.VIM.PATCH_SIZE": "8", "MODEL.VIM_FPN.STRIDES": "[4, 8, 16, 64]"},
+            "stride 64 is not supported; use strides of .* the trunk's stride 8",
+        ),
         ({"MODEL.VIM_FPN.IN_BLOCKS": "[1, 2, 3, 9]"}, r"1-based block numbers in \[1, depth=4\]"),
         ({"MODEL.VIM_FPN.STRIDES": "[4, 8, 8, 32]"}, "must strictly increase"),
         ({"MODEL.VIM.SCAN_ROUTES": "diagonal"}, "MODEL.VIM.SCAN_ROUTES.*is unknown"),

@@ -2,8 +2,8 @@
 
 ViTDet (Li et al., arXiv 2203.16527) builds its pyramid from the last block alone; ViMDet feeds
 each level from its own block (by default blocks 6/12/18/24 -> strides 4/8/16/32), each resampled
-from the trunk's stride 16 with ViTDet's up/down-sampling and LayerNorm'd 1x1 and 3x3 convs, plus
-a max-pooled p6.
+from the trunk's stride (its patch size, 16 by default) with ViTDet's up/down-sampling and
+LayerNorm'd 1x1 and 3x3 convs, plus a max-pooled p6.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def _norm(norm: str, channels: int) -> nn.Module | None:
     return ChannelLayerNorm(channels) if norm == "LN" else get_norm(norm, channels)
 
 
-def _resampler(dim: int, scale: float, norm: str) -> tuple:
-    """Layers taking a stride-16 map to stride 16 / scale; returns (modules, out channels)."""
+def _resampler(dim: int, patch_size: int, scale: float, norm: str) -> tuple:
+    """Layers taking the trunk's stride-``patch_size`` map to stride patch_size / scale; returns
+    (modules, out channels)."""
     if scale == 4.0:
         return [
             nn.ConvTranspose2d(dim, dim // 2, 2, stride=2),
@@ -63,11 +64,11 @@ def _resampler(dim: int, scale: float, norm: str) -> tuple:
         return [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)], dim // 2
     if scale == 1.0:
         return [], dim
-    if scale == 0.5:
-        return [nn.MaxPool2d(2, 2)], dim
+    if scale in (0.5, 0.25):  # 0.25: stride 32 from a patch-8 trunk
+        return [nn.MaxPool2d(round(1 / scale), round(1 / scale))], dim
     raise ValueError(
-        f"VimFeaturePyramid: stride {16 / scale:g} is not supported; use strides "
-        "4, 8, 16 or 32 (the trunk's stride 16 times 1/4, 1/2, 1 or 2)"
+        f"VimFeaturePyramid: stride {patch_size / scale:g} is not supported; use strides of "
+        f"1/4, 1/2, 1, 2 or 4 times the trunk's stride {patch_size} (MODEL.VIM.PATCH_SIZE)"
     )
 
 
@@ -120,7 +121,7 @@ class VimFeaturePyramid(Backbone):
         self.stages = nn.ModuleList()
         self._out_features = []
         for stride in strides:
-            layers, channels = _resampler(dim, net.patch_size / stride, norm)
+            layers, channels = _resampler(dim, net.patch_size, net.patch_size / stride, norm)
             layers += [
                 Conv2d(channels, out_channels, 1, bias=use_bias, norm=_norm(norm, out_channels)),
                 Conv2d(

@@ -32,58 +32,69 @@ def _chunk_size(length: int) -> int:
     return root
 
 
-def _linear_scan(decay: Tensor, drive: Tensor, reverse: bool = False) -> Tensor:
-    """Solve h[t] = decay[t] * h[t-1] + drive[t] (h[-1] = 0) along dim 1, without autograd.
+def _to_steps(x: Tensor, steps: int) -> Tensor:
+    """(B, L, F) -> (T, B, K, F) contiguous: K = ceil(L / T) chunks of T steps, step-major.
 
-    ``reverse=True`` runs from the end instead: h[t] = decay[t] * h[t+1] + drive[t].
-    decay, drive: (B, L, M) fp32 with decay in [0, 1]; returns (B, L, M).
-
-    Chunks of T ~ sqrt(L) steps are scanned side by side (T Python steps over (B, L/T, M) slices),
-    the L/T chunk carries are chained, and each position adds its chunk's carry times its
-    cumulative decay since the chunk start. That decay lies in [0, 1], so nothing overflows.
+    Positions past L are zeros, which the scan treats as neutral (delta 0 gives decay 1 and no
+    drive). Step-major, one step of every chunk is one contiguous slice.
     """
-    batch, length, width = drive.shape
-    steps = _chunk_size(length)
+    batch, length, features = x.shape
     chunks = -(-length // steps)
-    padded = chunks * steps
-    if padded != length:  # Padding is neutral: decay 1 and drive 0 after the end.
-        decay = F.pad(decay, (0, 0, 0, padded - length), value=1.0)
-        drive = F.pad(drive, (0, 0, 0, padded - length), value=0.0)
-    decay = decay.reshape(batch, chunks, steps, width)
-    drive = drive.reshape(batch, chunks, steps, width)
-    order = range(steps - 1, -1, -1) if reverse else range(steps)
-    chunk_order = range(chunks - 1, -1, -1) if reverse else range(chunks)
+    if chunks * steps != length:
+        x = F.pad(x, (0, 0, 0, chunks * steps - length))
+    return x.reshape(batch, chunks, steps, features).permute(2, 0, 1, 3).contiguous()
 
-    state = torch.empty_like(drive)
-    cumulative = torch.empty_like(decay)
-    previous = None
-    for t in order:
-        if previous is None:
-            state[:, :, t] = drive[:, :, t]
-            cumulative[:, :, t] = decay[:, :, t]
-        else:
-            torch.addcmul(drive[:, :, t], decay[:, :, t], state[:, :, previous], out=state[:, :, t])
-            torch.mul(decay[:, :, t], cumulative[:, :, previous], out=cumulative[:, :, t])
-        previous = t
 
-    # carry_in[:, c] is the true state just before chunk c's first step (in scan order).
-    carry_in = torch.zeros_like(state[:, :, 0])
-    carry = carry_in[:, 0]
-    last = previous  # the chunk's final step in scan order
-    for index, c in enumerate(chunk_order):
-        if index > 0:
-            carry_in[:, c] = carry
-        carry = torch.addcmul(state[:, c, last], cumulative[:, c, last], carry)
-    state.addcmul_(cumulative, carry_in[:, :, None])
-    return state.reshape(batch, padded, width)[:, :length]
+def _from_steps(x: Tensor, length: int) -> Tensor:
+    """(T, B, K, F) -> (B, L, F): the inverse of :func:`_to_steps`."""
+    steps, batch, chunks, features = x.shape
+    return x.permute(1, 2, 0, 3).reshape(batch, chunks * steps, features)[:, :length]
+
+
+def _linear_scan_(state: Tensor, decay: Tensor, reverse: bool = False) -> Tensor:
+    """Solve the recurrence in place over ``state``, which holds the drive on entry.
+
+    Forward: h[p] = decay[p] * h[p-1] + drive[p]. Reverse: h[p] = decay[p+1] * h[p+1] + drive[p]
+    (the adjoint scan of the backward pass). Positions p run over the chunked layout of
+    :func:`_to_steps`: state, decay (T, B, K, ...) fp32 with decay in [0, 1].
+
+    Each chunk is scanned on its own (T Python steps over contiguous (B, K, ...) slices) while the
+    product of its decays is kept; then the K chunk carries are chained and each position adds
+    its chunk's carry times that product. The product lies in [0, 1], so nothing overflows.
+    """
+    steps, chunks = state.shape[0], state.shape[2]
+    product = torch.empty_like(state)
+    carry = torch.zeros_like(state[0])  # (B, K, ...): what flows into each chunk
+    if not reverse:
+        product[0] = decay[0]
+        for t in range(1, steps):
+            state[t].addcmul_(decay[t], state[t - 1])
+            torch.mul(decay[t], product[t - 1], out=product[t])
+        for k in range(1, chunks):  # the true state at the previous chunk's last step
+            torch.addcmul(
+                state[-1, :, k - 1], product[-1, :, k - 1], carry[:, k - 1], out=carry[:, k]
+            )
+    else:
+        product[-1] = 1.0
+        for t in range(steps - 2, -1, -1):
+            state[t].addcmul_(decay[t + 1], state[t + 1])
+            torch.mul(decay[t + 1], product[t + 1], out=product[t])
+        for k in range(chunks - 2, -1, -1):  # the next chunk's true first state, decayed
+            first = torch.addcmul(state[0, :, k + 1], product[0, :, k + 1], carry[:, k + 1])
+            torch.mul(decay[0, :, k + 1], first, out=carry[:, k])
+    return state.addcmul_(product, carry)
 
 
 class _SelectiveScanCore(torch.autograd.Function):
     """The state-space part of the scan, y = C . h, with a hand-written reverse-scan backward.
 
     Inputs, all fp32 and time-major: delta (B, L, C), A (C, N), delta_u = delta * u (B, L, C),
-    B (B, L, N), C (B, L, N). Output y (B, L, C) = sum_n C[t, n] * h[t, :, n] where
+    B (B, L, N), C (B, L, N). Output y (B, L, C) = sum_n C[t, n] * h[t, n, :] where
     h[t] = exp(delta[t] * A) * h[t-1] + delta_u[t] * B[t].
+
+    Inside, every tensor is in the chunked layout of :func:`_to_steps` with the channels
+    innermost, the state as (T, B, K, N, C): the (delta x A) and (delta_u x B) products then
+    broadcast along contiguous channels, and each scan step reads contiguous slices.
 
     Backward: g[t] = dy[t] * C[t] + exp(delta[t+1] * A) * g[t+1] (a reverse scan); then
     d delta_u = g . B, dB = delta_u . g, and through d log_decay[t] = g[t] * decay[t] * h[t-1]
@@ -102,38 +113,40 @@ class _SelectiveScanCore(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, delta, A, delta_u, B, C):
-        batch, length, channels = delta.shape
-        state_size = A.shape[1]
-        decay = torch.mul(delta[..., None], A).exp_()  # (B, L, C, N)
-        drive = torch.mul(delta_u[..., None], B[:, :, None])
-        flat = (batch, length, channels * state_size)
-        state = _linear_scan(decay.view(flat), drive.view(flat)).view_as(decay)
-        del drive
-        y = torch.einsum("blcn,bln->blc", state, C)
+        length = delta.shape[1]
+        steps = _chunk_size(length)
+        delta, delta_u, B, C = (_to_steps(x, steps) for x in (delta, delta_u, B, C))
+        decay = torch.mul(delta[..., None, :], A.t()).exp_()  # (T, B, K, N, C)
+        state = _linear_scan_(torch.mul(delta_u[..., None, :], B[..., None]), decay)
+        y = torch.mul(state, C[..., None]).sum(-2)
         ctx.save_for_backward(delta, A, delta_u, B, C, decay, state)
-        return y
+        ctx.length = length
+        return _from_steps(y, length)
 
     @staticmethod
     def _backward(ctx, grad_y):
         delta, A, delta_u, B, C, decay, state = ctx.saved_tensors
-        batch, length, channels, state_size = state.shape
-        flat = (batch, length, channels * state_size)
-        grad_y = grad_y.contiguous()
-        grad_C = torch.matmul(grad_y[:, :, None], state).squeeze(2)
-        grad_state = torch.mul(grad_y[..., None], C[:, :, None])
-        next_decay = F.pad(decay[:, 1:], (0, 0, 0, 0, 0, 1), value=0.0)
-        grad_drive = _linear_scan(next_decay.view(flat), grad_state.view(flat), reverse=True)
-        grad_drive = grad_drive.view_as(state)
-        del next_decay, grad_state
-        grad_delta_u = torch.matmul(grad_drive, B[..., None]).squeeze(-1)
-        grad_B = torch.matmul(delta_u[:, :, None], grad_drive).squeeze(2)
+        grad_y = _to_steps(grad_y, delta.shape[0])[..., None, :]  # (T, B, K, 1, C)
+        grad_C = torch.mul(state, grad_y).sum(-1)
+        grad_drive = _linear_scan_(torch.mul(grad_y, C[..., None]), decay, reverse=True)
+        grad_delta_u = torch.mul(grad_drive, B[..., None]).sum(-2)
+        grad_B = torch.mul(grad_drive, delta_u[..., None, :]).sum(-1)
         # d log_decay[t] = g[t] * decay[t] * h[t-1], with h[-1] = 0; reuse grad_drive's memory.
+        # The position before a chunk's first step is the previous chunk's last one.
         grad_log_decay = grad_drive.mul_(decay)
-        grad_log_decay[:, 1:].mul_(state[:, :-1])
-        grad_log_decay[:, 0] = 0
-        grad_delta = (grad_log_decay * A).sum(-1)
-        grad_A = (grad_log_decay * delta[..., None]).sum((0, 1))
-        return grad_delta, grad_A, grad_delta_u, grad_B, grad_C
+        grad_log_decay[1:].mul_(state[:-1])
+        grad_log_decay[0, :, 1:].mul_(state[-1, :, :-1])
+        grad_log_decay[0, :, 0] = 0
+        grad_delta = torch.mul(grad_log_decay, A.t()).sum(-2)
+        grad_A = torch.mul(grad_log_decay, delta[..., None, :]).sum((0, 1, 2)).t()
+        length = ctx.length
+        return (
+            _from_steps(grad_delta, length),
+            grad_A,
+            _from_steps(grad_delta_u, length),
+            _from_steps(grad_B, length),
+            _from_steps(grad_C, length),
+        )
 
 
 def scan_chunked(
@@ -168,9 +181,9 @@ def scan_chunked(
         group = max(1, _CPU_GROUP_ELEMENTS // (batch * length * A.shape[1]))
     ys = [
         _SelectiveScanCore.apply(
-            delta_t[..., c : c + group].contiguous(),
+            delta_t[..., c : c + group],
             A[c : c + group],
-            delta_u[..., c : c + group].contiguous(),
+            delta_u[..., c : c + group],
             B,
             C,
         )
