@@ -356,7 +356,8 @@ def main() -> None:
         "parts": {},
     }
 
-    def train_command(processes: int, output: Path, iters: int, *extra: str) -> List[str]:
+    def launch(processes: int) -> List[str]:
+        """tools/train_net.py with the config on ``processes`` processes and a free port."""
         return [
             python,
             str(TRAIN_NET),
@@ -366,6 +367,11 @@ def main() -> None:
             str(processes),
             "--dist-url",
             f"tcp://127.0.0.1:{free_port()}",
+        ]
+
+    def train_command(processes: int, output: Path, iters: int, *extra: str) -> List[str]:
+        return [
+            *launch(processes),
             "--rank-timeout",
             "60",
             *extra,
@@ -382,14 +388,7 @@ def main() -> None:
 
     def eval_command(processes: int, output: Path, weights: Path, *extra: str) -> List[str]:
         return [
-            python,
-            str(TRAIN_NET),
-            "--config-file",
-            setup["config"],
-            "--num-gpus",
-            str(processes),
-            "--dist-url",
-            f"tcp://127.0.0.1:{free_port()}",
+            *launch(processes),
             "--eval-only",
             *setup["opts"],
             "TEST.VIS_NUM_IMAGES",
