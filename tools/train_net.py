@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+import torch.distributed as dist
 from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
@@ -100,6 +101,11 @@ def main(args):
     results = train_or_evaluate(args)
     if watchdog is not None:  # not on an error: the others must see this process gone
         watchdog.stop()
+        # Every rank is done: close the process groups before the interpreter exits. Left to
+        # exit, gloo's worker threads can be destroyed while joinable, which aborts the process
+        # ("terminate called without an active exception") after a successful run.
+        comm.synchronize()
+        dist.destroy_process_group()
     return results
 
 
