@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 import types
 
 import torch
@@ -49,6 +47,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from vimdet.config import build_cfg
+from vimdet.engine.timing import median_seconds
 from vimdet.modeling import build_vim_fpn_backbone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,24 +171,6 @@ def detector_inputs(batch: int, height: int, width: int, device: str) -> list:
         image = torch.randint(256, (3, height, width), dtype=torch.uint8, generator=generator)
         inputs.append({"image": image.to(device), "instances": instances})
     return inputs
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_seconds(step, device: str, repeats: int) -> float:
-    step()  # warm-up: compilation, autotuning, allocator
-    step()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(

@@ -10,14 +10,13 @@ bf16 autocast at batch ``--batch`` with its peak GPU memory, and the Cascade det
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 from detectron2.modeling import build_model
 
 import vimdet  # noqa: F401
 from vimdet.config import build_cfg
+from vimdet.engine.timing import median_seconds
 
 CONFIGS = {
     "tiny": "cascade_vim_t.yaml",
@@ -25,18 +24,6 @@ CONFIGS = {
     "base": "cascade_vim_b.yaml",
 }
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def timed(step, repeats):
-    step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(size, backend, batch, repeats):
@@ -54,7 +41,7 @@ def measure(size, backend, batch, repeats):
         sum(f.float().mean() for f in features.values()).backward()
 
     torch.cuda.reset_peak_memory_stats()
-    train_ms = timed(train_step, repeats) / batch * 1e3
+    train_ms = median_seconds(train_step, "cuda", repeats) / batch * 1e3
     peak = torch.cuda.max_memory_allocated() / 2**30
     model.zero_grad(set_to_none=True)
     model.eval()
@@ -65,7 +52,7 @@ def measure(size, backend, batch, repeats):
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             model(inputs)
 
-    return train_ms, peak, timed(infer, repeats) * 1e3
+    return train_ms, peak, median_seconds(infer, "cuda", repeats) * 1e3
 
 
 def main():

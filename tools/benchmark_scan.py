@@ -20,11 +20,10 @@ its inputs; CPU memory is the growth of the peak RSS of a fresh process running 
 import argparse
 import multiprocessing
 import resource
-import statistics
-import time
 
 import torch
 
+from vimdet.engine.timing import median_seconds
 from vimdet.ops import (
     bidirectional_selective_scan,
     cuda_kernel_available,
@@ -82,11 +81,6 @@ def make_bidirectional_inputs(batch, channels, length, dtype, device, state=16):
     return inputs
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_case(backend, inputs, device, repeats, bidirectional=False):
     """Median seconds of forward and of forward+backward."""
     scan = bidirectional_selective_scan if bidirectional else selective_scan
@@ -106,18 +100,7 @@ def time_case(backend, inputs, device, repeats, bidirectional=False):
             triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median") / 1e3
             for step in (forward, forward_backward)
         ]
-    results = []
-    for step in (forward, forward_backward):
-        step()  # warm-up (kernel selection, allocator)
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        results.append(statistics.median(times))
-    return results
+    return [median_seconds(step, device, repeats, warmup=1) for step in (forward, forward_backward)]
 
 
 def run_case(args):
