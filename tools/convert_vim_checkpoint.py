@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Convert a released Vim ImageNet checkpoint into a ViMDet trunk checkpoint for MODEL.WEIGHTS.
+"""Convert a released Vim checkpoint (or a ViMDet detector's) into a trunk file for MODEL.WEIGHTS.
 
     python tools/convert_vim_checkpoint.py --input vim_t_midclstok_76p1acc.pth \\
         --output checkpoints/vim_t.pth [--size tiny]
+    python tools/convert_vim_checkpoint.py --input output/run/model_final.pth --output trunk.pth
 
-Keeps every trunk tensor under ``backbone.net.`` (the detector's names), drops ``head``,
-``norm_f``, the class token and its position row, and keeps the 14x14 position grid (resized to
-each input's token grid at run time). Prints what it kept and dropped.
+A released Vim ImageNet file: keeps every trunk tensor under ``backbone.net.`` (the detector's
+names), drops ``head``, ``norm_f``, the class token and its position row, and keeps the 14x14
+position grid (resized to each input's token grid at run time). A ViMDet training checkpoint:
+keeps its ``backbone.net.*`` tensors (the trunk) and drops the pyramid, the heads and the
+trainer's state, so that the trunk can start another detector, as an ImageNet trunk does. Prints
+what it kept and dropped.
 
 The input is read with ``weights_only=True`` (a file that would run code is refused), the output
 may not be the input (in any spelling: symlink, hard link), and it is written atomically.
@@ -18,7 +22,7 @@ import sys
 
 from vimdet.checkpoint import load_checkpoint_file
 from vimdet.checkpoint.io import READ_ERRORS, atomic_save
-from vimdet.modeling import TRUNK_PREFIX, VIM_SIZES, convert_vim_state_dict
+from vimdet.modeling import TRUNK_PREFIX, VIM_SIZES, convert_vim_state_dict, trunk_tensors
 
 
 def same_file(first: str, second: str) -> bool:
@@ -26,6 +30,22 @@ def same_file(first: str, second: str) -> bool:
     if os.path.exists(first) and os.path.exists(second):
         return os.path.samefile(first, second)
     return os.path.realpath(first) == os.path.realpath(second)
+
+
+def detector_trunk(state, expected_dim):
+    """The trunk of a ViMDet detector's state dict, and the ``kept``/``dropped`` report."""
+    trunk = trunk_tensors(state)
+    if "patch_embed.proj.weight" not in trunk:
+        raise ValueError(
+            f"the checkpoint has {TRUNK_PREFIX}* tensors but no {TRUNK_PREFIX}patch_embed: it is "
+            "not a ViMDet detector's checkpoint"
+        )
+    width = trunk["patch_embed.proj.weight"].shape[0]
+    if expected_dim is not None and width != expected_dim:
+        raise ValueError(f"the detector's trunk is {width} wide, not {expected_dim} as --size asks")
+    outside = sorted({key.split(".")[0] for key in state if not key.startswith(TRUNK_PREFIX)})
+    dropped = f"{len(state) - len(trunk)} tensors outside the trunk (under {', '.join(outside)})"
+    return trunk, {"kept": list(trunk), "dropped": [dropped]}
 
 
 def main(argv=None) -> int:
@@ -50,7 +70,10 @@ def main(argv=None) -> int:
         return 1
     try:
         state = load_checkpoint_file(args.input)
-        trunk, report = convert_vim_state_dict(state, expected_dim=expected_dim)
+        if any(key.startswith(TRUNK_PREFIX) for key in state):
+            trunk, report = detector_trunk(state, expected_dim)
+        else:
+            trunk, report = convert_vim_state_dict(state, expected_dim=expected_dim)
     except READ_ERRORS as error:
         print(f"convert_vim_checkpoint: {error}", file=sys.stderr)
         return 1

@@ -104,6 +104,36 @@ def test_convert_and_load_matches_every_trunk_tensor(tmp_path):
     assert all(key.startswith(TRUNK_PREFIX) for key in saved)
 
 
+def test_a_detector_checkpoint_gives_its_trunk_to_a_new_detector(tmp_path):
+    trained = build_model(detector_cfg())
+    source = tmp_path / "model_final.pth"
+    torch.save({"model": trained.state_dict(), "iteration": 9}, source)
+    target = tmp_path / "trunk.pth"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "convert_vim_checkpoint.py")]
+        + ["--input", str(source), "--output", str(target)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "outside the trunk (under backbone, proposal_generator, roi_heads)" in result.stdout
+
+    saved = torch.load(target, weights_only=True)["model"]
+    trunk = {k: v for k, v in trained.state_dict().items() if k.startswith(TRUNK_PREFIX)}
+    assert set(saved) == set(trunk)
+    torch.manual_seed(1)
+    fresh = build_model(detector_cfg())
+    head_before = fresh.roi_heads.state_dict()
+    VimDetCheckpointer(fresh).load(str(target))
+    for key, value in fresh.state_dict().items():
+        if key.startswith(TRUNK_PREFIX):
+            torch.testing.assert_close(value, trunk[key], rtol=0, atol=0, msg=key)
+    # The heads keep their own initialisation.
+    for key, value in fresh.roi_heads.state_dict().items():
+        torch.testing.assert_close(value, head_before[key], rtol=0, atol=0, msg=key)
+
+
 def test_pretrained_key_is_an_error_naming_model_weights(tmp_path):
     # Weights have one way in, the checkpointer; the builder refuses the old key.
     cfg = detector_cfg()
