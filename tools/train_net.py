@@ -74,6 +74,7 @@ def print_summary(args, cfg, results, untrained, pictures, started):
         trained=bbox_metrics(results, name),
         untrained=untrained,
         weights=os.path.join(cfg.OUTPUT_DIR, "model_final.pth"),
+        start_weights=cfg.MODEL.WEIGHTS,
         pictures=pictures,
         python=sys.executable,
         config_file=args.config_file,

@@ -55,3 +55,9 @@ def test_bbox_metrics_reads_flat_and_nested_results():
     assert bbox_metrics({"bbox": TRAINED}, "a") == TRAINED
     assert bbox_metrics({"a": {"bbox": TRAINED}, "b": {"bbox": UNTRAINED}}, "b") == UNTRAINED
     assert bbox_metrics(None, "a") is None
+
+
+def test_a_run_started_from_weights_names_them_beside_the_baseline():
+    text = summary(start_weights="vimdet://vim_mini_shapes_trunk.pth")
+    assert "before training (from vimdet://vim_mini_shapes_trunk.pth): AP 0.0, AP50 0.1" in text
+    assert "untrained" not in text

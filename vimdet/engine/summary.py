@@ -72,6 +72,7 @@ def format_summary(
     trained: Mapping[str, float] | None,
     untrained: Mapping[str, float] | None,
     weights: str,
+    start_weights: str = "",
     pictures: Sequence[str],
     python: str,
     config_file: str,
@@ -96,7 +97,11 @@ def format_summary(
         "=" * 72,
         f"ViMDet summary ({minutes:.1f} min)",
         f"  box AP on {dataset_name} ({num_images} images): {_ap_text(trained)}",
-        f"  the same model untrained:  {_ap_text(untrained)}",
+        (
+            f"  before training (from {start_weights}): {_ap_text(untrained)}"
+            if start_weights
+            else f"  the same model untrained:  {_ap_text(untrained)}"
+        ),
         f"  trained weights: {weights_shown}",
     ]
     if pictures:
