@@ -43,9 +43,14 @@ def detector_trunk(state, expected_dim):
     width = trunk["patch_embed.proj.weight"].shape[0]
     if expected_dim is not None and width != expected_dim:
         raise ValueError(f"the detector's trunk is {width} wide, not {expected_dim} as --size asks")
-    outside = sorted({key.split(".")[0] for key in state if not key.startswith(TRUNK_PREFIX)})
-    dropped = f"{len(state) - len(trunk)} tensors outside the trunk (under {', '.join(outside)})"
-    return trunk, {"kept": list(trunk), "dropped": [dropped]}
+    counts: dict = {}
+    for key in state:
+        if not key.startswith(TRUNK_PREFIX):
+            group = key.split(".")[0]
+            counts[group] = counts.get(group, 0) + 1
+    names = {"backbone": "backbone.* (the pyramid)"}
+    dropped = [f"{names.get(g, g + '.*')}: {n} tensors" for g, n in sorted(counts.items())]
+    return trunk, {"kept": list(trunk), "dropped": dropped}
 
 
 def main(argv=None) -> int:

@@ -243,6 +243,7 @@ def test_builtin_names_registered_without_generation():
         "vimdet_shapes_large_val",
         "vimdet_shapes_demo_train",
         "vimdet_shapes_demo_val",
+        "vimdet_shapes_pretrain_train",
     ]
     registered = DatasetCatalog.list()
     for name in names:

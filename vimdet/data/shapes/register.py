@@ -41,6 +41,14 @@ _BUILTIN_SPECS: dict[str, dict[str, Any]] = {
         "num_images": 200,
         "seed": 1,
     },
+    # Pretraining the demo's trunk on the GPU (configs/shapes/pretrain_vim_mini_shapes.yaml):
+    # the demo's image sizes, another seed, so no image of the demo's splits is among them.
+    "vimdet_shapes_pretrain_train": {
+        "subdir": "vimdet_shapes_pretrain",
+        "split": "train",
+        "num_images": 8000,
+        "seed": 2,
+    },
     "vimdet_shapes_large_train": {
         "subdir": "vimdet_shapes_large",
         "split": "train",
