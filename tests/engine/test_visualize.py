@@ -5,7 +5,7 @@ import torch
 from detectron2.data.catalog import Metadata
 from detectron2.structures import Boxes, BoxMode, Instances
 
-from vimdet.engine.visualize import MIN_DRAWN_SIDE, draw_predictions
+from vimdet.engine.visualize import MIN_DRAWN_SIDE, draw_predictions, merge_same_boxes
 
 METADATA = Metadata(name="test_shapes", thing_classes=["circle", "rectangle"])
 
@@ -40,3 +40,23 @@ def test_large_image_keeps_its_size_and_single_panel():
     image = np.zeros((side, side + 32, 3), dtype=np.uint8)
     picture = draw_predictions(image, instances(side, side + 32), METADATA, 0.5)
     assert picture.shape[1] == side + 32 and picture.shape[0] > side
+
+
+def test_one_box_under_several_classes_is_drawn_once_with_every_score():
+    names = ["circle", "rectangle", "star"].__getitem__
+    boxes = torch.tensor(
+        [
+            [10.0, 10.0, 60.0, 50.0],  # star 16%
+            [80.0, 80.0, 120.0, 120.0],  # another object: circle 50%
+            [10.5, 10.0, 60.0, 50.5],  # the first box again: rectangle 20%
+            [10.0, 10.0, 30.0, 30.0],  # overlapping the first, IoU 0.2: its own box
+        ]
+    )
+    merged, classes, labels = merge_same_boxes(
+        boxes, torch.tensor([2, 0, 1, 0]), torch.tensor([0.16, 0.5, 0.2, 0.3]), names
+    )
+    assert labels == ["circle 50%", "circle 30%", "rectangle 20% (star 16%)"]
+    assert classes == [0, 0, 1]
+    np.testing.assert_array_equal(merged, boxes[[1, 3, 2]].numpy())
+    empty = merge_same_boxes(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0), names)
+    assert empty[0].shape == (0, 4) and empty[1:] == ([], [])

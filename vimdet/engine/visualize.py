@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import cv2
 import numpy as np
@@ -12,10 +12,19 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
-from detectron2.structures import BoxMode, Instances
+from detectron2.structures import Boxes, BoxMode, Instances, pairwise_iou
 from detectron2.utils.visualizer import Visualizer
 
-__all__ = ["predict_image", "draw_predictions", "to_rgb", "write_prediction_pngs"]
+__all__ = [
+    "draw_predictions",
+    "merge_same_boxes",
+    "predict_image",
+    "to_rgb",
+    "write_prediction_pngs",
+]
+
+#: Detections whose boxes overlap this much are drawn as one box with several class scores.
+SAME_BOX_IOU = 0.7
 
 
 @torch.no_grad()
@@ -63,6 +72,38 @@ _CLASS_COLORS = (
 )
 
 
+def merge_same_boxes(
+    boxes: torch.Tensor,
+    classes: torch.Tensor,
+    scores: torch.Tensor,
+    name: Callable[[int], str],
+    same_iou: float = SAME_BOX_IOU,
+) -> Tuple[np.ndarray, List[int], List[str]]:
+    """One box per object for the picture: detections whose boxes overlap the best-scoring one
+    by IoU >= ``same_iou`` are taken as the same object under other classes (Cascade R-CNN's
+    boxes are class-agnostic, so one proposal gives the same box for every class), drawn once
+    as "best 20% (second 16%, ...)" in the best class's colour.
+
+    Args: ``boxes`` (N, 4) XYXY, ``classes`` (N,), ``scores`` (N,); ``name`` maps a class id to
+    its label. Returns the boxes (M, 4), their classes and their labels, best first.
+    """
+    order = torch.argsort(scores, descending=True, stable=True)
+    iou = pairwise_iou(Boxes(boxes[order]), Boxes(boxes[order]))
+    taken = torch.zeros(len(order), dtype=torch.bool)
+    kept_boxes, kept_classes, labels = [], [], []
+    for i in range(len(order)):
+        if taken[i]:
+            continue
+        group = torch.nonzero((iou[i] >= same_iou) & ~taken).flatten()
+        taken[group] = True
+        members = [(int(classes[order[j]]), float(scores[order[j]])) for j in group]
+        text = [f"{name(c)} {s:.0%}" for c, s in members]
+        labels.append(text[0] + (f" ({', '.join(text[1:])})" if len(text) > 1 else ""))
+        kept_boxes.append(boxes[order[i]].numpy())
+        kept_classes.append(members[0][0])
+    return np.array(kept_boxes, dtype=np.float32).reshape(-1, 4), kept_classes, labels
+
+
 def _draw_boxes(
     image_rgb: np.ndarray, boxes: np.ndarray, classes: List[int], labels: List[str]
 ) -> np.ndarray:
@@ -102,9 +143,10 @@ def draw_predictions(
         return names[class_id] if class_id < len(names) else str(class_id)
 
     kept = instances[instances.scores >= score_thresh]
-    classes = kept.pred_classes.tolist()
-    labels = [f"{name(c)} {s:.0%}" for c, s in zip(classes, kept.scores.tolist())]
-    boxes = kept.pred_boxes.tensor.numpy() * scale
+    boxes, classes, labels = merge_same_boxes(
+        kept.pred_boxes.tensor, kept.pred_classes, kept.scores, name
+    )
+    boxes = boxes * scale
     title = f"predictions (score >= {score_thresh:g})" + ("" if len(kept) else ": none")
     predicted = _titled(_draw_boxes(image_rgb, boxes, classes, labels), title)
     if ground_truth is None:
