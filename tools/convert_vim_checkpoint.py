@@ -3,14 +3,15 @@
 
     python tools/convert_vim_checkpoint.py --input vim_t_midclstok_76p1acc.pth \\
         --output checkpoints/vim_t.pth [--size tiny]
-    python tools/convert_vim_checkpoint.py --input output/run/model_final.pth --output trunk.pth
+    python tools/convert_vim_checkpoint.py --input output/run/model_final.pth --output trunk.pth \\
+        [--keep-pyramid]
 
 A released Vim ImageNet file: keeps every trunk tensor under ``backbone.net.`` (the detector's
 names), drops ``head``, ``norm_f``, the class token and its position row, and keeps the 14x14
 position grid (resized to each input's token grid at run time). A ViMDet training checkpoint:
-keeps its ``backbone.net.*`` tensors (the trunk) and drops the pyramid, the heads and the
-trainer's state, so that the trunk can start another detector, as an ImageNet trunk does. Prints
-what it kept and dropped.
+keeps its ``backbone.net.*`` tensors (the trunk; with ``--keep-pyramid`` all of ``backbone.*``,
+trunk and pyramid) and drops the RPN, the ROI heads and the trainer's state, so that it can start
+another detector as an ImageNet trunk does. Prints what it kept and dropped.
 
 The input is read with ``weights_only=True`` (a file that would run code is refused), the output
 may not be the input (in any spelling: symlink, hard link), and it is written atomically.
@@ -32,8 +33,9 @@ def same_file(first: str, second: str) -> bool:
     return os.path.realpath(first) == os.path.realpath(second)
 
 
-def detector_trunk(state, expected_dim):
-    """The trunk of a ViMDet detector's state dict, and the ``kept``/``dropped`` report."""
+def detector_backbone(state, expected_dim, keep_pyramid):
+    """The trunk of a ViMDet detector's state dict (the trunk's own names), its pyramid's tensors
+    if ``keep_pyramid`` (the detector's names), and the ``kept``/``dropped`` report."""
     trunk = trunk_tensors(state)
     if "patch_embed.proj.weight" not in trunk:
         raise ValueError(
@@ -43,14 +45,19 @@ def detector_trunk(state, expected_dim):
     width = trunk["patch_embed.proj.weight"].shape[0]
     if expected_dim is not None and width != expected_dim:
         raise ValueError(f"the detector's trunk is {width} wide, not {expected_dim} as --size asks")
+    pyramid = {
+        key: value
+        for key, value in state.items()
+        if keep_pyramid and key.startswith("backbone.") and not key.startswith(TRUNK_PREFIX)
+    }
     counts: dict = {}
     for key in state:
-        if not key.startswith(TRUNK_PREFIX):
+        if not key.startswith(TRUNK_PREFIX) and key not in pyramid:
             group = key.split(".")[0]
             counts[group] = counts.get(group, 0) + 1
     names = {"backbone": "backbone.* (the pyramid)"}
     dropped = [f"{names.get(g, g + '.*')}: {n} tensors" for g, n in sorted(counts.items())]
-    return trunk, {"kept": list(trunk), "dropped": dropped}
+    return trunk, pyramid, {"kept": list(trunk) + list(pyramid), "dropped": dropped}
 
 
 def main(argv=None) -> int:
@@ -62,6 +69,11 @@ def main(argv=None) -> int:
         choices=sorted(VIM_SIZES),
         default=None,
         help="refuse a checkpoint whose width is not this Vim size's",
+    )
+    parser.add_argument(
+        "--keep-pyramid",
+        action="store_true",
+        help="from a ViMDet detector checkpoint, keep the pyramid (backbone.*) with the trunk",
     )
     args = parser.parse_args(argv)
 
@@ -76,9 +88,15 @@ def main(argv=None) -> int:
     try:
         state = load_checkpoint_file(args.input)
         if any(key.startswith(TRUNK_PREFIX) for key in state):
-            trunk, report = detector_trunk(state, expected_dim)
+            trunk, pyramid, report = detector_backbone(state, expected_dim, args.keep_pyramid)
+        elif args.keep_pyramid:
+            raise ValueError(
+                f"--keep-pyramid: {args.input!r} is a released Vim file, which has no pyramid; "
+                "give a ViMDet detector checkpoint (model_final.pth), or leave the flag out"
+            )
         else:
             trunk, report = convert_vim_state_dict(state, expected_dim=expected_dim)
+            pyramid = {}
     except READ_ERRORS as error:
         print(f"convert_vim_checkpoint: {error}", file=sys.stderr)
         return 1
@@ -87,7 +105,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     atomic_save(
         {
-            "model": {TRUNK_PREFIX + key: value for key, value in trunk.items()},
+            "model": {**{TRUNK_PREFIX + key: v for key, v in trunk.items()}, **pyramid},
             "__author__": "vimdet",
             "matching_heuristics": False,
         },
@@ -96,7 +114,8 @@ def main(argv=None) -> int:
     print(
         f"Vim trunk: width {width}, {depth} blocks, position grid {tuple(trunk['pos_embed'].shape)}"
     )
-    print(f"kept {len(report['kept'])} tensors (as {TRUNK_PREFIX}*)")
+    kept_as = f"{TRUNK_PREFIX}*" + (", the pyramid as backbone.*" if pyramid else "")
+    print(f"kept {len(report['kept'])} tensors (the trunk as {kept_as})")
     print(f"dropped {len(report['dropped'])}: {', '.join(report['dropped'])}")
     print(f"wrote {args.output}; use it as MODEL.WEIGHTS {args.output}")
     return 0

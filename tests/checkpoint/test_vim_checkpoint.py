@@ -134,6 +134,21 @@ def test_a_detector_checkpoint_gives_its_trunk_to_a_new_detector(tmp_path):
     for key, value in fresh.roi_heads.state_dict().items():
         torch.testing.assert_close(value, head_before[key], rtol=0, atol=0, msg=key)
 
+    # --keep-pyramid: the whole backbone (trunk and pyramid), still without RPN and ROI heads.
+    backbone = tmp_path / "backbone.pth"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "convert_vim_checkpoint.py"), "--keep-pyramid"]
+        + ["--input", str(source), "--output", str(backbone)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "dropped 2: proposal_generator.*: " in result.stdout
+    saved = torch.load(backbone, weights_only=True)["model"]
+    assert set(saved) == {k for k in trained.state_dict() if k.startswith("backbone.")}
+    assert set(saved) > set(trunk)
+
 
 def test_pretrained_key_is_an_error_naming_model_weights(tmp_path):
     # Weights have one way in, the checkpointer; the builder refuses the old key.
