@@ -41,8 +41,8 @@ _BUILTIN_SPECS: dict[str, dict[str, Any]] = {
         "num_images": 200,
         "seed": 1,
     },
-    # Pretraining the demo's trunk on the GPU (configs/shapes/pretrain_vim_mini_shapes.yaml):
-    # the demo's image sizes, another seed, so no image of the demo's splits is among them.
+    # Pretraining the demo's backbone (configs/shapes/pretrain_vim_mini_shapes.yaml): the demo's
+    # image sizes, another seed, so no image of the demo's splits is among them.
     "vimdet_shapes_pretrain_train": {
         "subdir": "vimdet_shapes_pretrain",
         "split": "train",
