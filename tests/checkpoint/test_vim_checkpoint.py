@@ -52,25 +52,22 @@ def detector_cfg(dim=DIM, depth=DEPTH):
     return cfg
 
 
-def convert(tmp_path, state, *extra):
-    source = tmp_path / "vim_released.pth"
-    torch.save({"model": state, "args": {"model": "vim_tiny"}}, source)
-    target = tmp_path / "converted.pth"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "convert_vim_checkpoint.py"),
-            "--input",
-            str(source),
-            "--output",
-            str(target),
-            *extra,
-        ],
+def run_converter(tmp_path, source, target, *extra):
+    """Run ``tools/convert_vim_checkpoint.py --input source --output target *extra``."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "convert_vim_checkpoint.py")]
+        + ["--input", str(source), "--output", str(target), *extra],
         capture_output=True,
         text=True,
         cwd=tmp_path,
     )
-    return result, target
+
+
+def convert(tmp_path, state, *extra):
+    source = tmp_path / "vim_released.pth"
+    torch.save({"model": state, "args": {"model": "vim_tiny"}}, source)
+    target = tmp_path / "converted.pth"
+    return run_converter(tmp_path, source, target, *extra), target
 
 
 def test_convert_and_load_matches_every_trunk_tensor(tmp_path):
@@ -109,13 +106,7 @@ def test_a_detector_checkpoint_gives_its_trunk_to_a_new_detector(tmp_path):
     source = tmp_path / "model_final.pth"
     torch.save({"model": trained.state_dict(), "iteration": 9}, source)
     target = tmp_path / "trunk.pth"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "convert_vim_checkpoint.py")]
-        + ["--input", str(source), "--output", str(target)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    result = run_converter(tmp_path, source, target)
     assert result.returncode == 0, result.stderr
     assert "dropped 3: backbone.* (the pyramid): " in result.stdout
     assert "proposal_generator.*: " in result.stdout and "roi_heads.*: " in result.stdout
@@ -136,18 +127,25 @@ def test_a_detector_checkpoint_gives_its_trunk_to_a_new_detector(tmp_path):
 
     # --keep-pyramid: the whole backbone (trunk and pyramid), still without RPN and ROI heads.
     backbone = tmp_path / "backbone.pth"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "convert_vim_checkpoint.py"), "--keep-pyramid"]
-        + ["--input", str(source), "--output", str(backbone)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    result = run_converter(tmp_path, source, backbone, "--keep-pyramid")
     assert result.returncode == 0, result.stderr
     assert "dropped 2: proposal_generator.*: " in result.stdout
     saved = torch.load(backbone, weights_only=True)["model"]
     assert set(saved) == {k for k in trained.state_dict() if k.startswith("backbone.")}
     assert set(saved) > set(trunk)
+
+
+def test_what_a_detector_conversion_refuses(tmp_path):
+    state, _ = released_state_dict()
+    result, target = convert(tmp_path, state, "--keep-pyramid")
+    assert result.returncode == 1 and not target.exists()
+    assert "is a released Vim file, which has no pyramid; give a ViMDet detector" in result.stderr
+
+    partial = tmp_path / "partial.pth"
+    torch.save({"model": {TRUNK_PREFIX + "layers.0.norm.weight": torch.ones(4)}}, partial)
+    result = run_converter(tmp_path, partial, tmp_path / "out.pth")
+    assert result.returncode == 1 and not (tmp_path / "out.pth").exists()
+    assert "but no backbone.net.patch_embed: it is not a ViMDet detector's" in result.stderr
 
 
 def test_pretrained_key_is_an_error_naming_model_weights(tmp_path):
