@@ -20,6 +20,7 @@ may not be the input (in any spelling: symlink, hard link), and it is written at
 import argparse
 import os
 import sys
+from collections import Counter
 
 from vimdet.checkpoint import load_checkpoint_file
 from vimdet.checkpoint.io import READ_ERRORS, atomic_save
@@ -50,11 +51,11 @@ def detector_backbone(state, expected_dim, keep_pyramid):
         for key, value in state.items()
         if keep_pyramid and key.startswith("backbone.") and not key.startswith(TRUNK_PREFIX)
     }
-    counts: dict = {}
-    for key in state:
-        if not key.startswith(TRUNK_PREFIX) and key not in pyramid:
-            group = key.split(".")[0]
-            counts[group] = counts.get(group, 0) + 1
+    counts = Counter(
+        key.split(".")[0]
+        for key in state
+        if not key.startswith(TRUNK_PREFIX) and key not in pyramid
+    )
     names = {"backbone": "backbone.* (the pyramid)"}
     dropped = [f"{names.get(g, g + '.*')}: {n} tensors" for g, n in sorted(counts.items())]
     return trunk, pyramid, {"kept": list(trunk) + list(pyramid), "dropped": dropped}
