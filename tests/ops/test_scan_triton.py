@@ -240,3 +240,10 @@ def test_registered_op_passes_opcheck():
         args,
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+    # The backward op's fake promises contiguous gradients; torch.compile asserts the real strides.
+    dout = torch.randn_like(inputs["u"][0])
+    torch.library.opcheck(
+        torch.ops.vimdet.scan_walk_backward.default,
+        [dout] + [arg.detach() if torch.is_tensor(arg) else arg for arg in args],
+        test_utils=("test_schema", "test_faketensor"),
+    )

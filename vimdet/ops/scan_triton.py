@@ -8,7 +8,7 @@ directions fused in. It is registered with ``torch.library`` as ``vimdet::scan_w
 autograd and fake (meta) implementations, so ``torch.compile`` sees one op and ``torch.export``
 can carry it. The kernels are in :mod:`vimdet.ops.scan_triton_kernels`.
 
-Shapes (dirs = 1 or 2; any strides)::
+Shapes (dirs = 1 or 2; any strides, though a channel stride other than 1 costs a copy)::
 
     u, delta  (dirs, batch, L, E)     A (dirs, E, N)     B, C (dirs, batch, L, N)
     D, delta_bias  (dirs, E)          z (batch, L, E)    -> out (batch, L, E) in u's dtype
@@ -101,6 +101,30 @@ def _walk_args(walk: Sequence[int]) -> Tuple[int, int, int, int]:
     return start, inner, inner_stride, outer_stride
 
 
+def _is_row_major(walk: Sequence[int], length: int) -> bool:
+    return list(_walk_args(walk)) == row_major_walk(length)
+
+
+def _state_major(x: Tensor) -> Tensor:
+    """B or C, (dirs, batch, L, N), as a contiguous (dirs, batch, N, chunks * CHUNK) copy with zeros
+    past L: the kernels then read each state's run of tokens as vectors."""
+    padding = _num_chunks(x.shape[2]) * CHUNK - x.shape[2]
+    return torch.nn.functional.pad(x.transpose(2, 3), (0, padding)).contiguous()
+
+
+def _unit_channel_stride(x: Optional[Tensor]) -> Optional[Tensor]:
+    """``x`` itself if its channels are adjacent, else a contiguous copy: the kernels give each lane
+    a channel and read a token's channels as one row (the mixer's tensors are never copied)."""
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def _token_major(x: Tensor, length: int, dtype: torch.dtype) -> Tensor:
+    """The inverse of ``_state_major`` for (dirs, batch, N, padded L) gradients: a contiguous
+    (dirs, batch, L, N) tensor, as the op's fake implementation promises."""
+    out = x.new_empty((*x.shape[:2], length, x.shape[2]), dtype=dtype)
+    return out.copy_(x[..., :length].transpose(2, 3))
+
+
 def device_guard(tensor: Tensor):
     """Launch on ``tensor``'s GPU (Triton launches on the current device); a no-op on the CPU."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
@@ -110,12 +134,13 @@ def _state_carries(
     u: Tensor,
     delta: Tensor,
     A: Tensor,
-    B: Tensor,
+    B_state_major: Tensor,
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
     walk: Sequence[int],
 ) -> Tensor:
-    """The state entering every chunk: (batch, dirs, chunks, N, E) fp32."""
+    """The state entering every chunk: (batch, dirs, chunks, N, E) fp32. B is state-major
+    (``_state_major``)."""
     dirs, batch, length, channels = u.shape
     state = A.shape[-1]
     chunks = _num_chunks(length)
@@ -130,7 +155,7 @@ def _state_carries(
         delta,
         bias,
         A,
-        B,
+        B_state_major,
         chunk_states,
         logsums,
         length,
@@ -141,8 +166,9 @@ def _state_carries(
         *delta.stride(),
         _strides(delta_bias, 2)[0],
         *A.stride(),
-        *B.stride(),
+        *B_state_major.stride()[:3],
         NUM_DIRS=dirs,
+        ROW_MAJOR=_is_row_major(walk, length),
         STATE=state,
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus,
@@ -191,7 +217,10 @@ def _scan_walk_forward(
 ) -> Tensor:
     dirs, batch, length, channels = u.shape
     state = A.shape[-1]
+    row_major = _is_row_major(walk, length)
+    u, delta, z = (_unit_channel_stride(t) for t in (u, delta, z))
     with device_guard(u):
+        B, C = _state_major(B), _state_major(C)
         carries = _state_carries(u, delta, A, B, delta_bias, delta_softplus, walk)
         out = u.new_empty((batch, length, channels))
         # The first direction's output waits here, in fp32, for the second one's.
@@ -218,13 +247,15 @@ def _scan_walk_forward(
                 *u[d].stride(),
                 *delta[d].stride(),
                 *A[d].stride(),
-                *B[d].stride(),
-                *C[d].stride(),
+                *B[d].stride()[:2],
+                *C[d].stride()[:2],
                 *_strides(z, 3),
                 carries.stride(0),
                 *out.stride(),
+                channels,
                 REVERSE=d == 1,
                 NUM_DIRS=dirs,
+                ROW_MAJOR=row_major,
                 ADD_PARTIAL=d > 0,
                 FINAL=d == dirs - 1,
                 STATE=state,
@@ -256,7 +287,11 @@ def _scan_walk_backward(
     state = A.shape[-1]
     chunks = _num_chunks(length)
     bias = delta_bias if delta_bias is not None else A
+    row_major = _is_row_major(walk, length)
+    B_tokens, C_tokens = B, C
+    dout, u, delta, z = (_unit_channel_stride(t) for t in (dout, u, delta, z))
     with device_guard(u):
+        B, C = _state_major(B), _state_major(C)
         carries = _state_carries(u, delta, A, B, delta_bias, delta_softplus, walk)
         # 1. The adjoint each chunk passes on when nothing enters it, chained against the walk.
         block_e, warps = FORWARD_BLOCK
@@ -281,8 +316,9 @@ def _scan_walk_backward(
             *delta.stride(),
             _strides(delta_bias, 2)[0],
             *A.stride(),
-            *C.stride(),
+            *C.stride()[:3],
             NUM_DIRS=dirs,
+            ROW_MAJOR=row_major,
             STATE=state,
             HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None,
@@ -302,8 +338,8 @@ def _scan_walk_backward(
         dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else None
         partial = u.new_empty((batch, length, channels), dtype=torch.float32) if dirs > 1 else du
         f32 = {"dtype": torch.float32, "device": u.device}
-        dB_parts = torch.empty((dirs, e_blocks, batch, length, state), **f32)
-        dC_parts = torch.empty((dirs, e_blocks, batch, length, state), **f32)
+        dB_parts = B.new_empty((dirs, e_blocks, *B.shape[1:]), **f32)
+        dC_parts = torch.empty_like(dB_parts)
         dA_parts = torch.empty((dirs, batch * chunks, state, channels), **f32)
         dD_parts = torch.empty((dirs, batch * chunks, channels), **f32) if D is not None else None
         dbias_parts = (
@@ -338,8 +374,8 @@ def _scan_walk_backward(
                 *u[d].stride(),
                 *delta[d].stride(),
                 *A[d].stride(),
-                *B[d].stride(),
-                *C[d].stride(),
+                *B[d].stride()[:2],
+                *C[d].stride()[:2],
                 *_strides(z, 3),
                 carries.stride(0),
                 *du[d].stride(),
@@ -347,8 +383,10 @@ def _scan_walk_backward(
                 *_strides(dz, 3),
                 *dB_parts[d].stride()[:3],
                 dA_parts[d].stride(0),
+                channels,
                 REVERSE=d == 1,
                 NUM_DIRS=dirs,
+                ROW_MAJOR=row_major,
                 ADD_PARTIAL=d > 0,
                 FINAL=d == dirs - 1,
                 STATE=state,
@@ -361,8 +399,8 @@ def _scan_walk_backward(
                 num_warps=warps,
             )
     # 3. The partial sums, added in a fixed order (deterministic; no atomics).
-    dB = dB_parts.sum(1).to(B.dtype)
-    dC = dC_parts.sum(1).to(C.dtype)
+    dB = _token_major(dB_parts.sum(1), length, B_tokens.dtype)
+    dC = _token_major(dC_parts.sum(1), length, C_tokens.dtype)
     dA = dA_parts.sum(1).transpose(1, 2).contiguous().to(A.dtype)
     dD = dD_parts.sum(1).to(D.dtype) if D is not None else None
     dbias = dbias_parts.sum(1).to(delta_bias.dtype) if delta_bias is not None else None

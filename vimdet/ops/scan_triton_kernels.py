@@ -64,9 +64,14 @@ def _cumsum_rows(x, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _walk_token(pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride):
+def _walk_token(
+    pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride, ROW_MAJOR: tl.constexpr
+):
     """Token index of walk position ``pos``: start + (pos % inner) * inner_stride + (pos // inner)
-    * outer_stride. Row-major is (0, L, 1, 0); column-major over an H x W grid is (0, H, W, 1)."""
+    * outer_stride. Row-major is (0, L, 1, 0); column-major over an H x W grid is (0, H, W, 1).
+    ``ROW_MAJOR`` walks are the identity: the compiler then sees contiguous rows."""
+    if ROW_MAJOR:
+        return pos
     return (
         walk_start
         + (pos % walk_inner) * walk_inner_stride
@@ -102,12 +107,51 @@ def _load_dt(
         pre += tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
     dt = pre
     if SOFTPLUS:
-        dt = tl.where(pre <= 20.0, tl.log(1.0 + tl.exp(pre)), pre)
+        dt = _softplus(pre)
     return tl.where(mask, dt, 0.0), pre
 
 
 @triton.jit
-def _load_tile(ptr, tok, rows_ok, offs_e, e_ok, stride_l, stride_e):
+def _softplus(x):
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
+
+
+@triton.jit
+def _load_dt_row(
+    delta_ptr,
+    bias_ptr,
+    tok,
+    ok,
+    offs_e,
+    e_ok,
+    stride_l,
+    stride_e,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+):
+    """dt of the single token ``tok`` as fp32 (BLOCK_E,), 0 unless ``ok``."""
+    mask = ok & e_ok
+    pre = tl.load(delta_ptr + tok * stride_l + offs_e * stride_e, mask=mask, other=0.0)
+    pre = pre.to(tl.float32)
+    if HAS_BIAS:
+        pre += tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+    dt = pre
+    if SOFTPLUS:
+        dt = _softplus(pre)
+    return tl.where(mask, dt, 0.0)
+
+
+@triton.jit
+def _load_tile(ptr, tok, rows_ok, offs_e, e_ok, stride_l, stride_e, REREAD: tl.constexpr = False):
+    """A (BLOCK_L, BLOCK_E) tile as fp32, zeros outside the sequence. ``REREAD`` marks a second
+    read of a tile after the loop over states: its addresses are summed in the other order, so that
+    the compiler recomputes them (and the mask) instead of keeping the first read's (two registers
+    per element) live through the loop."""
+    if REREAD:
+        mask = e_ok[None, :] & rows_ok[:, None]
+        return tl.load(
+            ptr + (offs_e[None, :] * stride_e + tok[:, None] * stride_l), mask=mask, other=0.0
+        ).to(tl.float32)
     mask = rows_ok[:, None] & e_ok[None, :]
     return tl.load(
         ptr + tok[:, None] * stride_l + offs_e[None, :] * stride_e, mask=mask, other=0.0
@@ -118,23 +162,41 @@ def _load_tile(ptr, tok, rows_ok, offs_e, e_ok, stride_l, stride_e):
 def _gate_grad(
     dout, z_ptr, tok, rows_ok, offs_e, e_ok, stride_z_l, stride_z_e, scale, HAS_Z: tl.constexpr
 ):
-    """dy = dout * scale * silu(z) (the gradient of every direction's ungated output) and z."""
+    """dy = dout * scale * silu(z): the gradient of every direction's ungated output."""
     dy = dout * scale
-    zt = dout
     if HAS_Z:
         zt = _load_tile(z_ptr, tok, rows_ok, offs_e, e_ok, stride_z_l, stride_z_e)
         dy = dy * zt * _sigmoid(zt)
-    return dy, zt
+    return dy
 
 
 @triton.jit
-def _state_column(ptr, offsets, ok, n, stride_n, STATE: tl.constexpr):
-    """Column n of a (rows, N) tensor as fp32, zeros once n reaches STATE. The loops over states
-    load column n + 1 while they compute with column n: the loads' latency is then hidden."""
-    return tl.load(ptr + offsets + n * stride_n, mask=ok & (n < STATE), other=0.0).to(tl.float32)
+def _channel_column(ptr, offs_e, e_ok, n, stride_e, stride_n):
+    """State n of a per-channel (E, N) tensor (A, or a chunk's carries) as fp32 (BLOCK_E,)."""
+    return tl.load(ptr + offs_e * stride_e + n * stride_n, mask=e_ok, other=0.0).to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["s_u_e", "s_dl_e"])
+@triton.jit
+def _token_column(ptr, tok, rows_ok, n, stride_n, ROW_MAJOR: tl.constexpr):
+    """State n of B or C, stored state-major (N, padded L), at the tile's tokens as fp32
+    (BLOCK_L,). Along a row-major walk the rows are contiguous and the padding covers whole chunks,
+    so the load needs no mask and is vectorized."""
+    if ROW_MAJOR:
+        return tl.load(ptr + n * stride_n + tok).to(tl.float32)
+    return tl.load(ptr + n * stride_n + tok, mask=rows_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_token_column(ptr, values, tok, rows_ok, n, stride_n, ROW_MAJOR: tl.constexpr):
+    """Store (BLOCK_L,) fp32 values as state n of a state-major (N, padded L) tensor; as in
+    ``_token_column``, a row-major walk's rows need no mask."""
+    if ROW_MAJOR:
+        tl.store(ptr + n * stride_n + tok, values)
+    else:
+        tl.store(ptr + n * stride_n + tok, values, mask=rows_ok)
+
+
+@triton.jit(do_not_specialize=["s_u_l", "s_dl_l"])
 def chunk_state_kernel(
     u_ptr,
     delta_ptr,
@@ -164,9 +226,9 @@ def chunk_state_kernel(
     s_A_n,
     s_B_dir,
     s_B_b,
-    s_B_l,
     s_B_n,
     NUM_DIRS: tl.constexpr,
+    ROW_MAJOR: tl.constexpr,
     STATE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
@@ -182,7 +244,7 @@ def chunk_state_kernel(
     n_chunks = tl.num_programs(0)
     pos = chunk * BLOCK_L + tl.arange(0, BLOCK_L)
     rows_ok = pos < length
-    tok = _walk_token(pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride)
+    tok = _walk_token(pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride, ROW_MAJOR)
     offs_e = e_block * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = offs_e < channels
     for d in tl.static_range(NUM_DIRS):
@@ -206,14 +268,11 @@ def chunk_state_kernel(
         total = tl.sum(dt, axis=0)
         after = total[None, :] - _cumsum_rows(dt, d == 1)
         out_row = (b * NUM_DIRS + d) * n_chunks + chunk
-        a_ptr, a_offs = A_ptr + d * s_A_dir, offs_e * s_A_e
-        b_ptr, b_offs = B_ptr + d * s_B_dir + b.to(tl.int64) * s_B_b, tok * s_B_l
-        a_next = _state_column(a_ptr, a_offs, e_ok, 0, s_A_n, STATE)
-        bn_next = _state_column(b_ptr, b_offs, rows_ok, 0, s_B_n, STATE)
+        a_ptr = A_ptr + d * s_A_dir
+        b_ptr = B_ptr + d * s_B_dir + b.to(tl.int64) * s_B_b
         for n in range(STATE):
-            a2, bn = a_next * LOG2E, bn_next
-            a_next = _state_column(a_ptr, a_offs, e_ok, n + 1, s_A_n, STATE)
-            bn_next = _state_column(b_ptr, b_offs, rows_ok, n + 1, s_B_n, STATE)
+            a2 = _channel_column(a_ptr, offs_e, e_ok, n, s_A_e, s_A_n) * LOG2E
+            bn = _token_column(b_ptr, tok, rows_ok, n, s_B_n, ROW_MAJOR)
             state = tl.sum(tl.exp2(after * a2[None, :]) * dtu * bn[:, None], axis=0)
             tl.store(state_ptr + (out_row * STATE + n) * channels + offs_e, state, mask=e_ok)
         tl.store(logsum_ptr + out_row * channels + offs_e, total, mask=e_ok)
@@ -281,7 +340,7 @@ def chunk_carry_kernel(
         carry = tl.sum(tl.where(rows[:, None] == CHUNK_TILE - 1, entering, 0.0), axis=0)
 
 
-@triton.jit(do_not_specialize=["s_u_e", "s_dl_e", "s_z_e", "s_o_e"])
+@triton.jit(do_not_specialize=["s_u_l", "s_dl_l", "s_z_l", "s_o_l", "s_partial_l"])
 def scan_output_kernel(
     u_ptr,
     delta_ptr,
@@ -309,10 +368,8 @@ def scan_output_kernel(
     s_A_e,
     s_A_n,
     s_B_b,
-    s_B_l,
     s_B_n,
     s_C_b,
-    s_C_l,
     s_C_n,
     s_z_b,
     s_z_l,
@@ -321,8 +378,10 @@ def scan_output_kernel(
     s_o_b,
     s_o_l,
     s_o_e,
+    s_partial_l,
     REVERSE: tl.constexpr,
     NUM_DIRS: tl.constexpr,
+    ROW_MAJOR: tl.constexpr,
     ADD_PARTIAL: tl.constexpr,
     FINAL: tl.constexpr,
     STATE: tl.constexpr,
@@ -342,7 +401,7 @@ def scan_output_kernel(
     b = tl.program_id(2).to(tl.int64)
     pos = chunk * BLOCK_L + tl.arange(0, BLOCK_L)
     rows_ok = pos < length
-    tok = _walk_token(pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride)
+    tok = _walk_token(pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride, ROW_MAJOR)
     offs_e = e_block * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = offs_e < channels
     mask = rows_ok[:, None] & e_ok[None, :]
@@ -360,25 +419,21 @@ def scan_output_kernel(
     )
     u = _load_tile(u_ptr + b * s_u_b, tok, rows_ok, offs_e, e_ok, s_u_l, s_u_e)
     dtu = dt * u
-    y = tl.zeros_like(dtu)
+    if HAS_D:
+        y = u * tl.load(D_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        y = tl.zeros_like(dtu)
     carry_ptr += b * s_carry_b + chunk * STATE * channels
     B_ptr += b * s_B_b
     C_ptr += b * s_C_b
-    a_next = _state_column(A_ptr, offs_e * s_A_e, e_ok, 0, s_A_n, STATE)
-    bn_next = _state_column(B_ptr, tok * s_B_l, rows_ok, 0, s_B_n, STATE)
-    cn_next = _state_column(C_ptr, tok * s_C_l, rows_ok, 0, s_C_n, STATE)
-    entering_next = _state_column(carry_ptr, offs_e, e_ok, 0, channels, STATE)
     for n in range(STATE):
-        a2, bn, cn, entering = a_next * LOG2E, bn_next, cn_next, entering_next
-        a_next = _state_column(A_ptr, offs_e * s_A_e, e_ok, n + 1, s_A_n, STATE)
-        bn_next = _state_column(B_ptr, tok * s_B_l, rows_ok, n + 1, s_B_n, STATE)
-        cn_next = _state_column(C_ptr, tok * s_C_l, rows_ok, n + 1, s_C_n, STATE)
-        entering_next = _state_column(carry_ptr, offs_e, e_ok, n + 1, channels, STATE)
+        a2 = _channel_column(A_ptr, offs_e, e_ok, n, s_A_e, s_A_n) * LOG2E
+        bn = _token_column(B_ptr, tok, rows_ok, n, s_B_n, ROW_MAJOR)
+        cn = _token_column(C_ptr, tok, rows_ok, n, s_C_n, ROW_MAJOR)
+        entering = _channel_column(carry_ptr, offs_e, e_ok, n, 1, channels)
         cumulative, h = _scan_rows(tl.exp2(dt * a2[None, :]), dtu * bn[:, None], REVERSE)
         y += (h + cumulative * entering[None, :]) * cn[:, None]
-    if HAS_D:
-        y += u * tl.load(D_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
-    partial_ptrs = partial_ptr + (b * length + tok[:, None]) * channels + offs_e[None, :]
+    partial_ptrs = partial_ptr + (b * length + tok[:, None]) * s_partial_l + offs_e[None, :]
     if ADD_PARTIAL:
         y += tl.load(partial_ptrs, mask=mask, other=0.0)
     if FINAL:
@@ -395,7 +450,7 @@ def scan_output_kernel(
         tl.store(partial_ptrs, y, mask=mask)
 
 
-@triton.jit(do_not_specialize=["s_do_e", "s_z_e", "s_dl_e"])
+@triton.jit(do_not_specialize=["s_do_l", "s_z_l", "s_dl_l"])
 def chunk_adjoint_kernel(
     dout_ptr,
     z_ptr,
@@ -428,9 +483,9 @@ def chunk_adjoint_kernel(
     s_A_n,
     s_C_dir,
     s_C_b,
-    s_C_l,
     s_C_n,
     NUM_DIRS: tl.constexpr,
+    ROW_MAJOR: tl.constexpr,
     STATE: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -448,12 +503,12 @@ def chunk_adjoint_kernel(
     n_chunks = tl.num_programs(0)
     pos = chunk * BLOCK_L + tl.arange(0, BLOCK_L)
     rows_ok = pos < length
-    tok = _walk_token(pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride)
+    tok = _walk_token(pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride, ROW_MAJOR)
     offs_e = e_block * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = offs_e < channels
     b64 = b.to(tl.int64)
     dout = _load_tile(dout_ptr + b64 * s_do_b, tok, rows_ok, offs_e, e_ok, s_do_l, s_do_e)
-    dy, _ = _gate_grad(
+    dy = _gate_grad(
         dout, z_ptr + b64 * s_z_b, tok, rows_ok, offs_e, e_ok, s_z_l, s_z_e, 1.0 / NUM_DIRS, HAS_Z
     )
     for d in tl.static_range(NUM_DIRS):
@@ -478,16 +533,15 @@ def chunk_adjoint_kernel(
         else:
             first_pos = chunk * BLOCK_L + BLOCK_L - 1
             entry_pos = chunk * BLOCK_L - 1
-        edge_pos = tl.arange(0, 2) * (entry_pos - first_pos) + first_pos
-        edge_ok = (edge_pos >= 0) & (edge_pos < length)
-        edge_tok = _walk_token(
-            edge_pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride
+        entry_ok = (entry_pos >= 0) & (entry_pos < length)
+        entry_tok = _walk_token(
+            entry_pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride, ROW_MAJOR
         )
-        edge_dt, _ = _load_dt(
+        entry_dt = _load_dt_row(
             delta_d,
             bias_ptr + d * s_bias_dir,
-            edge_tok,
-            edge_ok,
+            entry_tok,
+            entry_ok,
             offs_e,
             e_ok,
             s_dl_l,
@@ -495,27 +549,33 @@ def chunk_adjoint_kernel(
             HAS_BIAS,
             SOFTPLUS,
         )
-        is_first = (tl.arange(0, 2) == 0)[:, None]
-        first_dt = tl.sum(tl.where(is_first, edge_dt, 0.0), axis=0)
-        entry_dt = tl.sum(tl.where(is_first, 0.0, edge_dt), axis=0)
+        first_dt = tl.sum(tl.where((pos == first_pos)[:, None], dt, 0.0), axis=0)
         # Summed dt from the first walk position (exclusive) to each one (inclusive).
         since_first = _cumsum_rows(dt, d == 1) - first_dt[None, :]
         out_row = (b * NUM_DIRS + d) * n_chunks + chunk
-        a_ptr, a_offs = A_ptr + d * s_A_dir, offs_e * s_A_e
-        c_ptr, c_offs = C_ptr + d * s_C_dir + b64 * s_C_b, tok * s_C_l
-        a_next = _state_column(a_ptr, a_offs, e_ok, 0, s_A_n, STATE)
-        cn_next = _state_column(c_ptr, c_offs, rows_ok, 0, s_C_n, STATE)
+        a_ptr = A_ptr + d * s_A_dir
+        c_ptr = C_ptr + d * s_C_dir + b64 * s_C_b
         for n in range(STATE):
-            a2, cn = a_next * LOG2E, cn_next
-            a_next = _state_column(a_ptr, a_offs, e_ok, n + 1, s_A_n, STATE)
-            cn_next = _state_column(c_ptr, c_offs, rows_ok, n + 1, s_C_n, STATE)
+            a2 = _channel_column(a_ptr, offs_e, e_ok, n, s_A_e, s_A_n) * LOG2E
+            cn = _token_column(c_ptr, tok, rows_ok, n, s_C_n, ROW_MAJOR)
             adjoint = tl.sum(tl.exp2(since_first * a2[None, :]) * dy * cn[:, None], axis=0)
             tl.store(state_ptr + (out_row * STATE + n) * channels + offs_e, adjoint, mask=e_ok)
         logsum = tl.sum(dt, axis=0) - first_dt + entry_dt
         tl.store(logsum_ptr + out_row * channels + offs_e, logsum, mask=e_ok)
 
 
-@triton.jit(do_not_specialize=["s_do_e", "s_u_e", "s_dl_e", "s_z_e", "s_du_e", "s_dd_e", "s_dz_e"])
+@triton.jit(
+    do_not_specialize=[
+        "s_do_l",
+        "s_u_l",
+        "s_dl_l",
+        "s_z_l",
+        "s_du_l",
+        "s_dd_l",
+        "s_dz_l",
+        "s_partial_l",
+    ]
+)
 def scan_backward_kernel(
     dout_ptr,
     u_ptr,
@@ -555,10 +615,8 @@ def scan_backward_kernel(
     s_A_e,
     s_A_n,
     s_B_b,
-    s_B_l,
     s_B_n,
     s_C_b,
-    s_C_l,
     s_C_n,
     s_z_b,
     s_z_l,
@@ -575,10 +633,12 @@ def scan_backward_kernel(
     s_dz_e,
     s_dBp_blk,
     s_dBp_b,
-    s_dBp_l,
+    s_dBp_n,
     s_dAp_row,
+    s_partial_l,
     REVERSE: tl.constexpr,
     NUM_DIRS: tl.constexpr,
+    ROW_MAJOR: tl.constexpr,
     ADD_PARTIAL: tl.constexpr,
     FINAL: tl.constexpr,
     STATE: tl.constexpr,
@@ -603,16 +663,16 @@ def scan_backward_kernel(
     n_chunks = tl.num_programs(0)
     pos = chunk * BLOCK_L + tl.arange(0, BLOCK_L)
     rows_ok = pos < length
-    tok = _walk_token(pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride)
+    tok = _walk_token(pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride, ROW_MAJOR)
     offs_e = e_block * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = offs_e < channels
     mask = rows_ok[:, None] & e_ok[None, :]
     dout = _load_tile(dout_ptr + b * s_do_b, tok, rows_ok, offs_e, e_ok, s_do_l, s_do_e)
-    dy, zt = _gate_grad(
+    dy = _gate_grad(
         dout, z_ptr + b * s_z_b, tok, rows_ok, offs_e, e_ok, s_z_l, s_z_e, 1.0 / NUM_DIRS, HAS_Z
     )
     delta_ptr += b * s_dl_b
-    dt, pre = _load_dt(
+    dt, _ = _load_dt(
         delta_ptr, bias_ptr, tok, rows_ok, offs_e, e_ok, s_dl_l, s_dl_e, HAS_BIAS, SOFTPLUS
     )
     # dt of the next walk position: its decay carries the adjoint back to this one.
@@ -621,13 +681,19 @@ def scan_backward_kernel(
     else:
         next_pos = pos + 1
     next_ok = (next_pos >= 0) & (next_pos < length)
-    next_tok = _walk_token(next_pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride)
+    next_tok = _walk_token(
+        next_pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride, ROW_MAJOR
+    )
     next_dt, _ = _load_dt(
         delta_ptr, bias_ptr, next_tok, next_ok, offs_e, e_ok, s_dl_l, s_dl_e, HAS_BIAS, SOFTPLUS
     )
     u = _load_tile(u_ptr + b * s_u_b, tok, rows_ok, offs_e, e_ok, s_u_l, s_u_e)
     dtu = dt * u
-    y = tl.zeros_like(dtu)
+    if HAS_D:
+        skip = tl.load(D_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+        y = u * skip[None, :]
+    else:
+        y = tl.zeros_like(dtu)
     d_dtu = tl.zeros_like(dtu)
     d_dt = tl.zeros_like(dtu)
     carry_ptr += b * s_carry_b + chunk * STATE * channels
@@ -637,19 +703,12 @@ def scan_backward_kernel(
     dC_part_ptr += e_block * s_dBp_blk + b * s_dBp_b
     B_ptr += b * s_B_b
     C_ptr += b * s_C_b
-    a_next = _state_column(A_ptr, offs_e * s_A_e, e_ok, 0, s_A_n, STATE)
-    bn_next = _state_column(B_ptr, tok * s_B_l, rows_ok, 0, s_B_n, STATE)
-    cn_next = _state_column(C_ptr, tok * s_C_l, rows_ok, 0, s_C_n, STATE)
-    entering_next = _state_column(carry_ptr, offs_e, e_ok, 0, channels, STATE)
-    adj_entering_next = _state_column(adj_carry_ptr, offs_e, e_ok, 0, channels, STATE)
     for n in range(STATE):
-        a, bn, cn = a_next, bn_next, cn_next
-        entering, adj_entering = entering_next, adj_entering_next
-        a_next = _state_column(A_ptr, offs_e * s_A_e, e_ok, n + 1, s_A_n, STATE)
-        bn_next = _state_column(B_ptr, tok * s_B_l, rows_ok, n + 1, s_B_n, STATE)
-        cn_next = _state_column(C_ptr, tok * s_C_l, rows_ok, n + 1, s_C_n, STATE)
-        entering_next = _state_column(carry_ptr, offs_e, e_ok, n + 1, channels, STATE)
-        adj_entering_next = _state_column(adj_carry_ptr, offs_e, e_ok, n + 1, channels, STATE)
+        a = _channel_column(A_ptr, offs_e, e_ok, n, s_A_e, s_A_n)
+        bn = _token_column(B_ptr, tok, rows_ok, n, s_B_n, ROW_MAJOR)
+        cn = _token_column(C_ptr, tok, rows_ok, n, s_C_n, ROW_MAJOR)
+        entering = _channel_column(carry_ptr, offs_e, e_ok, n, 1, channels)
+        adj_entering = _channel_column(adj_carry_ptr, offs_e, e_ok, n, 1, channels)
         a2 = a * LOG2E
         drive = dtu * bn[:, None]
         cumulative, h = _scan_rows(tl.exp2(dt * a2[None, :]), drive, REVERSE)
@@ -667,16 +726,24 @@ def scan_backward_kernel(
             tl.sum(d_log_decay * dt, axis=0),
             mask=e_ok,
         )
-        tl.store(dB_part_ptr + tok * s_dBp_l + n, tl.sum(g * dtu, axis=1), mask=rows_ok)
-        tl.store(dC_part_ptr + tok * s_dBp_l + n, tl.sum(dy * h, axis=1), mask=rows_ok)
+        _store_token_column(
+            dB_part_ptr, tl.sum(g * dtu, axis=1), tok, rows_ok, n, s_dBp_n, ROW_MAJOR
+        )
+        _store_token_column(
+            dC_part_ptr, tl.sum(dy * h, axis=1), tok, rows_ok, n, s_dBp_n, ROW_MAJOR
+        )
+    # The inputs that only the final gradients need are read again rather than kept in registers
+    # through the loop over states.
+    u = _load_tile(u_ptr + b * s_u_b, tok, rows_ok, offs_e, e_ok, s_u_l, s_u_e, True)
     du = d_dtu * dt
     if HAS_D:
-        skip = tl.load(D_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
-        y += u * skip[None, :]
         du += dy * skip[None, :]
         tl.store(dD_part_ptr + part_row * channels + offs_e, tl.sum(dy * u, axis=0), mask=e_ok)
     d_pre = d_dt + d_dtu * u
     if SOFTPLUS:
+        pre = _load_tile(delta_ptr, tok, rows_ok, offs_e, e_ok, s_dl_l, s_dl_e, True)
+        if HAS_BIAS:
+            pre += tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
         d_pre = d_pre * _sigmoid(pre)
     d_pre = tl.where(mask, d_pre, 0.0)
     if HAS_BIAS:
@@ -692,11 +759,15 @@ def scan_backward_kernel(
         mask=mask,
     )
     if HAS_Z:
-        partial_ptrs = partial_ptr + (b * length + tok[:, None]) * channels + offs_e[None, :]
+        partial_ptrs = partial_ptr + (b * length + tok[:, None]) * s_partial_l + offs_e[None, :]
         if ADD_PARTIAL:
             y += tl.load(partial_ptrs, mask=mask, other=0.0)
         if FINAL:
             # out = y / dirs * silu(z), and d silu(z) / dz = s * (1 + z * (1 - s)), s = sigmoid(z).
+            dout = _load_tile(
+                dout_ptr + b * s_do_b, tok, rows_ok, offs_e, e_ok, s_do_l, s_do_e, True
+            )
+            zt = _load_tile(z_ptr + b * s_z_b, tok, rows_ok, offs_e, e_ok, s_z_l, s_z_e, True)
             sig = _sigmoid(zt)
             dz = dout * (y * (1.0 / NUM_DIRS)) * sig * (1.0 + zt * (1.0 - sig))
             tl.store(
