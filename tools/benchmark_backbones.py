@@ -28,6 +28,9 @@ medians over ``--repeats`` after warm-up, synchronised on the GPU.
 three Cascade stages) with each model's backbone in place of ViMDet's, the same heads for all:
 the training step (losses on 10 random boxes an image, bf16 autocast) per image and its peak
 memory, and inference per image.
+
+``--profile``: after each row, where the training step's time goes: the kernels with the largest
+share of three steps' GPU time (on the CPU, the ops' own CPU time), from ``torch.profiler``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from detectron2.modeling.backbone.utils import get_rel_pos
 from detectron2.modeling.backbone.vit import SimpleFeaturePyramid
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from torch.profiler import ProfilerActivity, profile
 
 from vimdet.config import build_cfg
 from vimdet.engine.timing import median_seconds
@@ -173,10 +177,40 @@ def detector_inputs(batch: int, height: int, width: int, device: str) -> list:
     return inputs
 
 
+def step_profile(step, device: str, steps: int = 3, top: int = 20) -> dict:
+    """The ``top`` kernels (CPU ops on the CPU) of ``steps`` calls of ``step`` by their own time:
+    name, share of the total and calls per step; and the total in ms per step."""
+    on_gpu = device == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def own_time(event) -> float:
+        return event.self_device_time_total if on_gpu else event.self_cpu_time_total
+
+    events = sorted((e for e in prof.key_averages() if own_time(e) > 0), key=own_time)[::-1]
+    total = sum(own_time(e) for e in events)
+    kernels = [
+        {"name": e.key, "share": own_time(e) / total, "calls_per_step": e.count / steps}
+        for e in events[:top]
+    ]
+    return {"ms_per_step": total / steps / 1e3, "kernels": kernels}
+
+
 def measure(
-    name: str, height: int, width: int, batch: int, device: str, repeats: int, detector: bool
+    name: str,
+    height: int,
+    width: int,
+    batch: int,
+    device: str,
+    repeats: int,
+    detector: bool,
+    with_profile: bool = False,
 ) -> dict:
-    """ms/img of inference and of a training step, and the step's peak memory in GiB."""
+    """ms/img of inference and of a training step, the step's peak memory in GiB, and with
+    ``with_profile`` the step's kernels (:func:`step_profile`)."""
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     if detector:
         model = build_detector(name, max(height, width), device)
@@ -221,7 +255,7 @@ def measure(
     train_s = median_seconds(train, device, repeats)
     if device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    return {
+    row = {
         "model": f"cascade_{name}" if detector else name,
         "size": f"{height}x{width}",
         "batch": batch,
@@ -229,6 +263,23 @@ def measure(
         "train_ms_per_img": train_s * 1e3 / batch,
         "train_peak_gib": peak,
     }
+    if with_profile:
+        row["profile"] = step_profile(train, device)
+    return row
+
+
+def print_profile(row: dict, device: str) -> None:
+    where = "GPU kernel" if device == "cuda" else "CPU op"
+    print(
+        f"\n{row['model']} {row['size']}: {row['profile']['ms_per_step']:.1f} ms of {where} time a"
+    )
+    print(
+        f"training step (batch {row['batch']})\n\n| share | calls a step | {where} |\n|---|---|---|"
+    )
+    for kernel in row["profile"]["kernels"]:
+        name = kernel["name"].replace("|", "/")[:110]
+        print(f"| {100 * kernel['share']:.1f}% | {kernel['calls_per_step']:g} | `{name}` |")
+    print(flush=True)
 
 
 def _pixels(size: str) -> int:
@@ -272,6 +323,9 @@ def main() -> None:
     parser.add_argument(
         "--detector", action="store_true", help="the whole Cascade detector, not the backbone"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="after each row, the training step's top kernels"
+    )
     args = parser.parse_args()
 
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
@@ -284,7 +338,16 @@ def main() -> None:
         batch = 1 if height * width >= 2048 * 2048 and not args.detector else args.batch
         for model in args.models:
             try:
-                row = measure(model, height, width, batch, args.device, args.repeats, args.detector)
+                row = measure(
+                    model,
+                    height,
+                    width,
+                    batch,
+                    args.device,
+                    args.repeats,
+                    args.detector,
+                    args.profile,
+                )
             except torch.OutOfMemoryError:
                 row = {"model": model, "size": size, "batch": batch, "error": "out of memory"}
                 print(f"| {model} | {size} | {batch} | out of memory | | |", flush=True)
@@ -294,6 +357,8 @@ def main() -> None:
                     f"{row['train_ms_per_img']:.1f} | {row['train_peak_gib']:.2f} |",
                     flush=True,
                 )
+                if args.profile:
+                    print_profile(row, args.device)
             rows.append(row)
             if args.device == "cuda":
                 torch.cuda.empty_cache()

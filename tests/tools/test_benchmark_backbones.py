@@ -39,7 +39,7 @@ def test_tool_runs_and_writes_rows(tmp_path):
     command = [
         sys.executable, str(TOOL), "--device", "cpu", "--models", "vitdet_b_sdpa", "vim_t",
         "--sizes", "64x128", "--batch", "1", "--repeats", "1",
-        "--json", str(rows_path), "--plot", str(plot_path),
+        "--json", str(rows_path), "--plot", str(plot_path), "--profile",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -50,3 +50,11 @@ def test_tool_runs_and_writes_rows(tmp_path):
     }
     assert all(row["train_ms_per_img"] > 0 and row["infer_ms_per_img"] > 0 for row in rows)
     assert plot_path.stat().st_size > 0
+    # --profile: the step's largest ops by their own time, shares of one total.
+    for row in rows:
+        kernels = row["profile"]["kernels"]
+        shares = [kernel["share"] for kernel in kernels]
+        assert row["profile"]["ms_per_step"] > 0 and 0 < sum(shares) <= 1 + 1e-9
+        assert shares == sorted(shares, reverse=True)
+        assert all(kernel["calls_per_step"] > 0 for kernel in kernels)
+    assert "| share | calls a step | CPU op |" in result.stdout
