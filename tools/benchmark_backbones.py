@@ -270,13 +270,13 @@ def measure(
 
 def print_profile(row: dict, device: str) -> None:
     where = "GPU kernel" if device == "cuda" else "CPU op"
+    profiled = row["profile"]
     print(
-        f"\n{row['model']} {row['size']}: {row['profile']['ms_per_step']:.1f} ms of {where} time a"
+        f"\n{row['model']} {row['size']}, batch {row['batch']}: "
+        f"{profiled['ms_per_step']:.1f} ms of {where} time a training step\n"
     )
-    print(
-        f"training step (batch {row['batch']})\n\n| share | calls a step | {where} |\n|---|---|---|"
-    )
-    for kernel in row["profile"]["kernels"]:
+    print(f"| share | calls a step | {where} |\n|---|---|---|")
+    for kernel in profiled["kernels"]:
         name = kernel["name"].replace("|", "/")[:110]
         print(f"| {100 * kernel['share']:.1f}% | {kernel['calls_per_step']:g} | `{name}` |")
     print(flush=True)
