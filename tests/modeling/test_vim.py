@@ -207,3 +207,29 @@ def test_bad_out_blocks():
         VisionMamba(embed_dim=8, depth=4, out_blocks=(0, 4))
     with pytest.raises(ValueError, match=r"tap block 4 or set the depth \(MODEL.VIM.DEPTH\) to 3"):
         VisionMamba(embed_dim=8, depth=4, out_blocks=(1, 3))
+
+
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+def test_training_block_keeps_the_scan_inputs_only_where_it_cannot_recompute(backend):
+    # The activations autograd keeps for one block's backward pass, by storage. (2, B, L, 2E)-sized
+    # ones: in_proj's output xz (x and z) on every backend; on the others, the scan's inputs u and
+    # delta, (2, B, L, E) per direction pair, too. The triton backend recomputes those instead
+    # (half the block's activations).
+    if backend == "triton" and not (triton_available() and scan_triton.interpreting()):
+        pytest.skip("the triton backend runs through Triton's interpreter on the CPU")
+    torch.manual_seed(0)
+    block = VimBlock(16, scan_backend=backend)
+    hidden = torch.randn(2, 12, 16, requires_grad=True)
+    storages = {}
+
+    def keep(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        out, residual = block(hidden, None)
+    activation_bytes = 2 * 12 * 2 * 32 * 4  # (B, L, 2E) fp32, the size of xz, or of u or delta
+    kept = sum(nbytes == activation_bytes for nbytes in storages.values())
+    assert kept == 1 if backend == "triton" else kept >= 3
+    (out.sum() + residual.sum()).backward()
+    assert all(p.grad is not None for p in block.parameters() if p.requires_grad)

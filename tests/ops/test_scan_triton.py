@@ -247,3 +247,54 @@ def test_registered_op_passes_opcheck():
         [dout] + [arg.detach() if torch.is_tensor(arg) else arg for arg in args],
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def recomputed_and_kept(autocast):
+    """Outputs and gradients of a scan whose inputs are made from (x, w_u, w_delta, b_c) both ways:
+    recomputed in the backward pass, and kept by autograd (the plain composition)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 13, 6, generator=gen)
+    leaves = {
+        "x": x,
+        "w_u": torch.randn(2, 6, 8, generator=gen) * 0.5,
+        "w_delta": torch.randn(2, 6, 8, generator=gen) * 0.2,
+        "w_bc": torch.randn(2, 6, 8, generator=gen) * 0.5,
+        "a_log": torch.randn(2, 8, 4, generator=gen) * 0.3,
+        "z": torch.randn(2, 13, 8, generator=gen),
+    }
+
+    def make_inputs(x, w_u, w_delta, w_bc, a_log):
+        u = torch.tanh(torch.matmul(x, w_u[:, None]))
+        delta = torch.matmul(x, w_delta[:, None])
+        bc = torch.matmul(x, w_bc[:, None])  # B and C as views of one projection
+        return u, delta, -torch.exp(a_log.float()), bc[..., :4], bc[..., 4:], None, None
+
+    results = []
+    for recompute in (True, False):
+        tensors = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        ordered = [tensors[k] for k in ("x", "w_u", "w_delta", "w_bc", "a_log")]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if recompute:
+                out = scan_triton.scan_walk_recomputing_inputs(
+                    make_inputs, ordered, z=tensors["z"], delta_softplus=True
+                )
+            else:
+                out = scan_triton.scan_walk(
+                    *make_inputs(*ordered)[:5], z=tensors["z"], delta_softplus=True
+                )
+        out.float().square().sum().backward()
+        results.append((out, {k: v.grad for k, v in tensors.items()}))
+    return results
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
+def test_recomputed_inputs_give_the_kept_inputs_gradients(autocast):
+    # The same ops on the same values: equal up to the order of float additions. Under autocast the
+    # backward pass must recompute in bf16 as the forward did, or the gradients would differ.
+    (out, grads), (kept_out, kept_grads) = recomputed_and_kept(autocast)
+    assert out.dtype == kept_out.dtype == (torch.bfloat16 if autocast else torch.float32)
+    torch.testing.assert_close(out, kept_out, rtol=0, atol=0)
+    for name, grad in grads.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        scale = kept_grads[name].abs().max().item()
+        torch.testing.assert_close(grad, kept_grads[name], rtol=0, atol=1e-5 * scale, msg=name)

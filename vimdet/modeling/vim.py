@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from vimdet.ops import (
     add_rms_norm,
     add_rms_norm_reference,
-    bidirectional_selective_scan,
+    bidirectional_selective_scan_recomputing,
     column_major_walk,
     conv_both_directions,
 )
@@ -246,40 +246,42 @@ class BiMambaMixer(nn.Module):
         self, x: Tensor, z: Tensor, walk: Sequence[int] | None, suffixes: Tuple[str, str]
     ) -> Tensor:
         """The mean of both directions' gated scans along ``walk`` (None: row-major), with the
-        parameters named by ``suffixes``; x, z (B, L, E) token-major -> (B, L, E)."""
-        conv = [getattr(self, "conv1d" + s) for s in suffixes]
-        x_proj = [getattr(self, "x_proj" + s).weight for s in suffixes]
-        dt_proj = [getattr(self, "dt_proj" + s) for s in suffixes]
-        # Both directions' convs + SiLU, token-major: (2, B, L, E). Each direction's projections
-        # run as one batched matmul over the stacked weights; B and C are views of its output.
-        u = conv_both_directions(
-            x,
-            conv[0].weight,
-            conv[0].bias,
-            conv[1].weight,
-            conv[1].bias,
-            walk=walk,
-            backend=self.scan_backend,
-        )
-        dt, b, c = torch.matmul(u, torch.stack(x_proj).transpose(1, 2)[:, None]).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1
-        )
-        dt_weights = torch.stack([proj.weight for proj in dt_proj]).transpose(1, 2)
-        delta = torch.matmul(dt, dt_weights[:, None])  # its bias goes in as delta_bias
-        a_log = torch.stack([getattr(self, f"A{s}_log") for s in suffixes])
-        return bidirectional_selective_scan(
-            u,
-            delta,
-            -torch.exp(a_log.float()),
-            b,
-            c,
-            D=torch.stack([getattr(self, "D" + s) for s in suffixes]).float(),
+        parameters named by ``suffixes``; x, z (B, L, E) token-major -> (B, L, E). In training on
+        the ``triton`` backend the scan's inputs (u, delta) are recomputed in the backward pass
+        instead of kept (:func:`vimdet.ops.bidirectional_selective_scan_recomputing`)."""
+        weights = []
+        for suffix in suffixes:
+            conv, dt_proj = getattr(self, "conv1d" + suffix), getattr(self, "dt_proj" + suffix)
+            weights += [conv.weight, conv.bias, getattr(self, "x_proj" + suffix).weight]
+            weights += [dt_proj.weight, dt_proj.bias, getattr(self, f"A{suffix}_log")]
+            weights.append(getattr(self, "D" + suffix))
+        return bidirectional_selective_scan_recomputing(
+            functools.partial(self._scan_inputs, walk),
+            [x, *weights],
             z=z,
-            delta_bias=torch.stack([proj.bias for proj in dt_proj]).float(),
             delta_softplus=True,
             walk=walk,
             backend=self.scan_backend,
         )
+
+    def _scan_inputs(self, walk: Sequence[int] | None, x: Tensor, *weights: Tensor) -> tuple:
+        """(u, delta, A, B, C, D, delta_bias) of both directions from x (B, L, E) and each
+        direction's (conv weight, conv bias, x_proj, dt_proj weight, dt_proj bias, A_log, D)."""
+        forward, backward = weights[:7], weights[7:]
+        # Both directions' convs + SiLU, token-major: (2, B, L, E). Each direction's projections
+        # run as one batched matmul over the stacked weights; B and C are views of its output.
+        u = conv_both_directions(
+            x, *forward[:2], *backward[:2], walk=walk, backend=self.scan_backend
+        )
+        dt, b, c = torch.matmul(
+            u, torch.stack([forward[2], backward[2]]).transpose(1, 2)[:, None]
+        ).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt_weights = torch.stack([forward[3], backward[3]]).transpose(1, 2)
+        delta = torch.matmul(dt, dt_weights[:, None])  # its bias goes in as delta_bias
+        a_log = torch.stack([forward[5], backward[5]])
+        skip = torch.stack([forward[6], backward[6]]).float()
+        delta_bias = torch.stack([forward[4], backward[4]]).float()
+        return u, delta, -torch.exp(a_log.float()), b, c, skip, delta_bias
 
 
 class AttentionMixer(nn.Module):

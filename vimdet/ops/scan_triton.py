@@ -20,7 +20,7 @@ column-major over an H x W grid is (0, H, W, 1); direction 1 walks it backwards.
 
 import contextlib
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -40,6 +40,7 @@ __all__ = [
     "row_major_walk",
     "scan_triton",
     "scan_walk",
+    "scan_walk_recomputing_inputs",
     "triton_available",
 ]
 
@@ -503,6 +504,26 @@ def _backward(ctx, grad_out):
 _scan_walk_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _op_arguments(u, delta, A, B, C, D, z, delta_bias, walk):
+    """scan_walk's arguments as the registered op takes them: contiguous parameters and a walk of
+    plain ints (under torch.jit.trace, sizes are traced values, which the op's int[] rejects)."""
+    walk = [int(v) for v in walk] if walk is not None else row_major_walk(int(u.shape[2]))
+    A, D, delta_bias = (t.contiguous() if t is not None else None for t in (A, D, delta_bias))
+    return u, delta, A, B, C, D, z, delta_bias, walk
+
+
+def _compile_errors():
+    return (triton.CompilationError, triton.OutOfResources)
+
+
+def _compile_failure(error: Exception, device: torch.device) -> RuntimeError:
+    return RuntimeError(
+        f"the Triton selective scan failed to compile on {device} ({error}). Use another "
+        "backend for now (MODEL.VIM.SCAN_BACKEND chunked, or cuda with mamba-ssm; or "
+        "VIMDET_SCAN_BACKEND=chunked) and report the error with your GPU and Triton versions"
+    )
+
+
 def scan_walk(
     u: Tensor,
     delta: Tensor,
@@ -522,17 +543,92 @@ def scan_walk(
     """
     if triton is None:
         raise RuntimeError(TRITON_HINT)
-    # Plain ints: under torch.jit.trace, sizes are traced values, which the op's int[] rejects.
-    walk = [int(v) for v in walk] if walk is not None else row_major_walk(int(u.shape[2]))
-    A, D, delta_bias = (t.contiguous() if t is not None else None for t in (A, D, delta_bias))
+    u, delta, A, B, C, D, z, delta_bias, walk = _op_arguments(
+        u, delta, A, B, C, D, z, delta_bias, walk
+    )
     try:
         return _scan_walk_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk)
-    except (triton.CompilationError, triton.OutOfResources) as error:
-        raise RuntimeError(
-            f"the Triton selective scan failed to compile on {u.device} ({error}). Use another "
-            "backend for now (MODEL.VIM.SCAN_BACKEND chunked, or cuda with mamba-ssm; or "
-            "VIMDET_SCAN_BACKEND=chunked) and report the error with your GPU and Triton versions"
-        ) from error
+    except _compile_errors() as error:
+        raise _compile_failure(error, u.device) from error
+
+
+class _ScanRecomputingInputs(torch.autograd.Function):
+    """``scan_walk(*make_inputs(*tensors), z, ...)`` keeping only ``tensors`` and z for the
+    backward pass, which computes the scan's inputs again (under the forward's autocast) and runs
+    the scan's backward op on them; their own backward follows through autograd."""
+
+    @staticmethod
+    def forward(ctx, make_inputs, z, delta_softplus, walk, *tensors):
+        device_type = tensors[0].device.type
+        ctx.autocast = (
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+        )
+        ctx.make_inputs, ctx.delta_softplus, ctx.walk = make_inputs, delta_softplus, walk
+        u, delta, A, B, C, D, delta_bias = make_inputs(*tensors)
+        ctx.save_for_backward(z, *tensors)
+        return scan_walk(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk)
+
+    @staticmethod
+    def backward(ctx, dout):
+        z, *tensors = ctx.saved_tensors
+        device_type, autocast_enabled, autocast_dtype = ctx.autocast
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+        with (
+            torch.enable_grad(),
+            torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled),
+        ):
+            inputs = ctx.make_inputs(*leaves)
+        u, delta, A, B, C, D, _, delta_bias, walk = _op_arguments(
+            *(t.detach() if t is not None else None for t in inputs[:6]),
+            z,
+            inputs[6].detach() if inputs[6] is not None else None,
+            ctx.walk,
+        )
+        try:
+            du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_walk_backward_op(
+                dout, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, walk
+            )
+        except _compile_errors() as error:
+            raise _compile_failure(error, u.device) from error
+        input_grads = (du, ddelta, dA, dB, dC, dD, dbias)
+        pairs = [
+            (value, grad)
+            for value, grad in zip(inputs, input_grads)
+            if value is not None and value.requires_grad
+        ]
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        found = iter(
+            torch.autograd.grad(
+                [value for value, _ in pairs],
+                wanted,
+                [grad for _, grad in pairs],
+                allow_unused=True,
+            )
+            if pairs and wanted
+            else ()
+        )
+        leaf_grads = [next(found) if leaf.requires_grad else None for leaf in leaves]
+        return (None, dz if z is not None else None, None, None, *leaf_grads)
+
+
+def scan_walk_recomputing_inputs(
+    make_inputs: Callable[..., Tuple[Optional[Tensor], ...]],
+    tensors: Sequence[Tensor],
+    z: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    walk: Optional[Sequence[int]] = None,
+) -> Tensor:
+    """``scan_walk(u, delta, A, B, C, D, z, delta_bias, ...)`` with ``(u, delta, A, B, C, D,
+    delta_bias) = make_inputs(*tensors)``, where the scan's inputs are not kept for the backward
+    pass but computed again there from ``tensors``: in the Vim mixer, u and delta are two
+    (2, batch, L, E) activations a block, and their recomputation is a conv and two thin matmuls.
+    ``make_inputs`` must give the same result each call (no randomness)."""
+    if triton is None:
+        raise RuntimeError(TRITON_HINT)
+    walk = [int(v) for v in walk] if walk is not None else None
+    return _ScanRecomputingInputs.apply(make_inputs, z, delta_softplus, walk, *tensors)
 
 
 def scan_triton(

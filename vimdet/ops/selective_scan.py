@@ -37,12 +37,20 @@ from ._scan_common import check_inputs, check_walk_inputs
 from .scan_chunked import scan_chunked
 from .scan_mamba import INSTALL_HINT, cuda_kernel_available, scan_mamba
 from .scan_reference import scan_reference
-from .scan_triton import TRITON_HINT, interpreting, scan_triton, scan_walk, triton_available
+from .scan_triton import (
+    TRITON_HINT,
+    interpreting,
+    scan_triton,
+    scan_walk,
+    scan_walk_recomputing_inputs,
+    triton_available,
+)
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "bidirectional_selective_scan",
+    "bidirectional_selective_scan_recomputing",
     "selective_scan",
     "selective_scan_reference",
     "selective_scan_chunked",
@@ -185,6 +193,47 @@ def bidirectional_selective_scan(
         walk = None if walk is None else list(walk)
         return _traced_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk, name)
     return _scan_directions(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk, name)
+
+
+def bidirectional_selective_scan_recomputing(
+    make_inputs: Callable[..., tuple],
+    tensors: Sequence[Tensor],
+    z: Tensor | None = None,
+    delta_softplus: bool = False,
+    walk: Sequence[int] | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`bidirectional_selective_scan` of ``(u, delta, A, B, C, D, delta_bias) =
+    make_inputs(*tensors)``, trading memory for a little compute where it can.
+
+    When training on the ``triton`` backend, the scan's inputs are not kept for the backward pass:
+    they are computed again there from ``tensors`` (in the Vim mixer, u and delta are two
+    (2, batch, L, E) activations a block, recomputed by a conv and two thin matmuls). Everywhere
+    else (other backends, no gradient, under ``torch.compile`` or ``torch.jit.trace``) this is the
+    plain composition. ``make_inputs`` must give the same result each call (no randomness).
+
+    Args:
+        make_inputs: tensors -> (u, delta, A, B, C, D, delta_bias), as
+            :func:`bidirectional_selective_scan` takes them (D and delta_bias may be None).
+        tensors: every tensor that ``make_inputs`` differentiates through (inputs and weights).
+        z, delta_softplus, walk, backend: as :func:`bidirectional_selective_scan`.
+    """
+
+    def checked_inputs(*values: Tensor) -> tuple:
+        inputs = make_inputs(*values)
+        check_walk_inputs(*inputs[:6], z, inputs[6])
+        if walk is not None:
+            _check_walk(tuple(int(v) for v in walk), inputs[0].shape[2])
+        return inputs
+
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    if training and not tracing and resolve_backend(backend, tensors[0].device) == "triton":
+        return scan_walk_recomputing_inputs(checked_inputs, tensors, z, delta_softplus, walk)
+    u, delta, A, B, C, D, delta_bias = make_inputs(*tensors)
+    return bidirectional_selective_scan(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk, backend
+    )
 
 
 def _scan_directions(
