@@ -580,11 +580,9 @@ class _ScanRecomputingInputs(torch.autograd.Function):
             torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled),
         ):
             inputs = ctx.make_inputs(*leaves)
-        u, delta, A, B, C, D, _, delta_bias, walk = _op_arguments(
-            *(t.detach() if t is not None else None for t in inputs[:6]),
-            z,
-            inputs[6].detach() if inputs[6] is not None else None,
-            ctx.walk,
+        u, delta, A, B, C, D, delta_bias = (t.detach() if t is not None else None for t in inputs)
+        u, delta, A, B, C, D, z, delta_bias, walk = _op_arguments(
+            u, delta, A, B, C, D, z, delta_bias, ctx.walk
         )
         try:
             du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_walk_backward_op(
