@@ -96,19 +96,17 @@ def _load_dt(
     stride_e,
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
+    REREAD: tl.constexpr = False,
 ):
     """dt = softplus(delta + bias) as fp32 (BLOCK_L, BLOCK_E), 0 on rows past the sequence; also
-    returns delta + bias (for the softplus gradient)."""
-    mask = rows_ok[:, None] & e_ok[None, :]
-    pre = tl.load(
-        delta_ptr + tok[:, None] * stride_l + offs_e[None, :] * stride_e, mask=mask, other=0.0
-    ).to(tl.float32)
+    returns delta + bias (for the softplus gradient). ``REREAD`` as in ``_load_tile``."""
+    pre = _load_tile(delta_ptr, tok, rows_ok, offs_e, e_ok, stride_l, stride_e, REREAD)
     if HAS_BIAS:
         pre += tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
     dt = pre
     if SOFTPLUS:
         dt = _softplus(pre)
-    return tl.where(mask, dt, 0.0), pre
+    return tl.where(rows_ok[:, None] & e_ok[None, :], dt, 0.0), pre
 
 
 @triton.jit
@@ -741,9 +739,9 @@ def scan_backward_kernel(
         tl.store(dD_part_ptr + part_row * channels + offs_e, tl.sum(dy * u, axis=0), mask=e_ok)
     d_pre = d_dt + d_dtu * u
     if SOFTPLUS:
-        pre = _load_tile(delta_ptr, tok, rows_ok, offs_e, e_ok, s_dl_l, s_dl_e, True)
-        if HAS_BIAS:
-            pre += tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+        _, pre = _load_dt(
+            delta_ptr, bias_ptr, tok, rows_ok, offs_e, e_ok, s_dl_l, s_dl_e, HAS_BIAS, False, True
+        )
         d_pre = d_pre * _sigmoid(pre)
     d_pre = tl.where(mask, d_pre, 0.0)
     if HAS_BIAS:
