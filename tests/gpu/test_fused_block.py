@@ -131,15 +131,7 @@ def test_recomputed_scan_inputs_give_the_same_gradients_with_less_memory():
 
     def keeping_inputs(mixer):
         def scan_both_ways(x, z, walk, suffixes):
-            weights = []
-            for suffix in suffixes:
-                conv, dt_proj = (
-                    getattr(mixer, "conv1d" + suffix),
-                    getattr(mixer, "dt_proj" + suffix),
-                )
-                weights += [conv.weight, conv.bias, getattr(mixer, "x_proj" + suffix).weight]
-                weights += [dt_proj.weight, dt_proj.bias, getattr(mixer, f"A{suffix}_log")]
-                weights.append(getattr(mixer, "D" + suffix))
+            weights = mixer._scan_weights(suffixes)
             u, delta, A, B, C, D, bias = mixer._scan_inputs(walk, x, *weights)
             return bidirectional_selective_scan(
                 u, delta, A, B, C, D, z, bias, True, walk, backend="triton"

@@ -249,20 +249,25 @@ class BiMambaMixer(nn.Module):
         parameters named by ``suffixes``; x, z (B, L, E) token-major -> (B, L, E). In training on
         the ``triton`` backend the scan's inputs (u, delta) are recomputed in the backward pass
         instead of kept (:func:`vimdet.ops.bidirectional_selective_scan_recomputing`)."""
+        return bidirectional_selective_scan_recomputing(
+            functools.partial(self._scan_inputs, walk),
+            [x, *self._scan_weights(suffixes)],
+            z=z,
+            delta_softplus=True,
+            walk=walk,
+            backend=self.scan_backend,
+        )
+
+    def _scan_weights(self, suffixes: Tuple[str, str]) -> List[Tensor]:
+        """Each direction's (conv weight, conv bias, x_proj, dt_proj weight, dt_proj bias, A_log,
+        D), the directions named by ``suffixes``, in the order :meth:`_scan_inputs` takes."""
         weights = []
         for suffix in suffixes:
             conv, dt_proj = getattr(self, "conv1d" + suffix), getattr(self, "dt_proj" + suffix)
             weights += [conv.weight, conv.bias, getattr(self, "x_proj" + suffix).weight]
             weights += [dt_proj.weight, dt_proj.bias, getattr(self, f"A{suffix}_log")]
             weights.append(getattr(self, "D" + suffix))
-        return bidirectional_selective_scan_recomputing(
-            functools.partial(self._scan_inputs, walk),
-            [x, *weights],
-            z=z,
-            delta_softplus=True,
-            walk=walk,
-            backend=self.scan_backend,
-        )
+        return weights
 
     def _scan_inputs(self, walk: Sequence[int] | None, x: Tensor, *weights: Tensor) -> tuple:
         """(u, delta, A, B, C, D, delta_bias) of both directions from x (B, L, E) and each
