@@ -56,3 +56,15 @@ def test_interpreter_kernels_are_refused():
         env=env,
     )
     assert result.returncode == 2 and "unset it" in result.stderr
+
+
+def test_grid_that_does_not_hold_the_length_is_refused():
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run(
+        [sys.executable, str(TOOL), "--length", "16", "--grid", "3", "5"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert "--grid 3 5 does not hold --length 16" in result.stderr
