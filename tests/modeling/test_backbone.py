@@ -1,5 +1,7 @@
 """The Detectron2 backbone: registry, config, pyramid shapes, padding and gradients."""
 
+import copy
+
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -141,6 +143,7 @@ def test_named_sizes():
             r"3 heads \(MODEL.VIM.ATTENTION_HEADS\) do not divide the width 32",
         ),
         ({"MODEL.VIM_FPN.SQUARE_PAD": "1024"}, "smaller than the largest input side 1333"),
+        ({"MODEL.VIM_FPN.CUDA_GRAPHS": "-1"}, "cuda_graphs -1 must be 0 .eager. or the number"),
         (
             {"MODEL.VIM_FPN.SQUARE_PAD": "1400", "INPUT.MAX_SIZE_TEST": "1400"},
             "must be 0 or a multiple of the coarsest stride 64",
@@ -150,6 +153,21 @@ def test_named_sizes():
 def test_bad_config_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         build_backbone(tiny_cfg(**overrides))
+
+
+def test_cuda_graphs_leave_cpu_inputs_eager_and_copies_capture_afresh():
+    torch.manual_seed(0)
+    graphed = build_backbone(tiny_cfg(**{"MODEL.VIM_FPN.CUDA_GRAPHS": "2"})).eval()
+    eager = build_backbone(tiny_cfg()).eval()  # no drop path
+    eager.load_state_dict(graphed.state_dict())
+    images = torch.randn(2, 3, 64, 96)
+    for name, level in graphed(images).items():
+        torch.testing.assert_close(level, eager(images)[name], rtol=0, atol=0)
+    assert graphed.graphs.max_graphs == 2 and len(graphed.graphs) == 0
+    graphed.graphs._captures["stand-in"] = object()
+    copied = copy.deepcopy(graphed)
+    assert copied.graphs.max_graphs == 2 and len(copied.graphs) == 0
+    assert eager.graphs is None
 
 
 def test_channel_layer_norm_equals_detectron2s():

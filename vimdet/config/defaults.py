@@ -68,6 +68,10 @@ def add_vimdet_config(cfg: CN) -> None:
     cfg.MODEL.VIM_FPN.TOP_BLOCK = True
     # Pad every batch to this square size (ViTDet's LSJ style); 0 pads only to divisibility.
     cfg.MODEL.VIM_FPN.SQUARE_PAD = 0
+    # On a GPU, replay the backbone's forward and backward as CUDA graphs (one per input shape
+    # and mode, at most this many; new shapes past it run eagerly): removes the host's launch
+    # time, which bounds ViMDet's step on a slow host. 0 runs eagerly. Pair it with SQUARE_PAD.
+    cfg.MODEL.VIM_FPN.CUDA_GRAPHS = 0
 
     # Training images that may fail to decode mid-run (each is skipped with a warning naming it
     # and counted); one more stops the run. Images are also header-checked before training.

@@ -19,7 +19,8 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import Tensor, nn
 
-from .vim import VIM_SIZES, VisionMamba, _no_weight_decay
+from .cuda_graphs import CudaGraphs
+from .vim import VIM_SIZES, VisionMamba, _no_weight_decay, _tracing
 
 __all__ = ["ChannelLayerNorm", "VimFeaturePyramid", "build_vim_fpn_backbone", "vim_trunk_kwargs"]
 
@@ -83,6 +84,8 @@ class VimFeaturePyramid(Backbone):
         norm: norm of the 1x1/3x3 convs ("LN", "GN", "" ...).
         top_block: add a max-pooled level at twice the coarsest stride.
         square_pad: pad batches to this square size (0: only to ``size_divisibility``).
+        cuda_graphs: on a GPU, replay the forward and backward as CUDA graphs, holding at most this
+            many (one per input shape and mode, :class:`CudaGraphs`); 0 runs eagerly.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class VimFeaturePyramid(Backbone):
         norm: str = "LN",
         top_block: bool = True,
         square_pad: int = 0,
+        cuda_graphs: int = 0,
     ):
         super().__init__()
         if len(in_blocks) != len(strides):
@@ -116,6 +120,12 @@ class VimFeaturePyramid(Backbone):
         self.net = net
         self.in_blocks = tuple(in_blocks)
         self.square_pad = square_pad
+        if cuda_graphs < 0:
+            raise ValueError(
+                f"VimFeaturePyramid: cuda_graphs {cuda_graphs} must be 0 (eager) or the number of "
+                "CUDA graphs to hold"
+            )
+        self.graphs = CudaGraphs(cuda_graphs) if cuda_graphs else None
         dim = net.embed_dim
         use_bias = norm == ""
         self.stages = nn.ModuleList()
@@ -163,6 +173,11 @@ class VimFeaturePyramid(Backbone):
 
     def forward(self, images: Tensor) -> Dict[str, Tensor]:
         """images: (B, 3, H, W), H and W multiples of ``size_divisibility`` -> {p2..p6}."""
+        if self.graphs is not None and images.is_cuda and not _tracing():
+            return self.graphs(self, self._levels, images)
+        return self._levels(images)
+
+    def _levels(self, images: Tensor) -> Dict[str, Tensor]:
         blocks = self.net(images)
         outputs = {}
         for name, block, stage in zip(self._out_features, self.in_blocks, self.stages):
@@ -249,4 +264,5 @@ def build_vim_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec | None = None) -
         norm=fpn.NORM,
         top_block=fpn.TOP_BLOCK,
         square_pad=fpn.SQUARE_PAD,
+        cuda_graphs=fpn.CUDA_GRAPHS,
     )

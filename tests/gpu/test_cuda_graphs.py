@@ -1,0 +1,115 @@
+"""GPU tests of the backbone replayed as CUDA graphs (MODEL.VIM_FPN.CUDA_GRAPHS) against the same
+backbone run eagerly: training steps with an optimizer between them (outputs, every gradient,
+bf16 autocast with its cache on, as Detectron2's AMP trainer runs it), one capture per shape and
+mode, eager runs past the limit, evaluation outputs that outlive the next call, and drop path
+drawn afresh at every replay. Skipped without CUDA."""
+
+import logging
+
+import pytest
+import torch
+
+from vimdet.modeling import VimFeaturePyramid, VisionMamba
+from vimdet.ops import triton_available
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not triton_available(), reason="needs Triton"),
+]
+
+
+def backbone(cuda_graphs: int, drop_path_rate: float = 0.0) -> VimFeaturePyramid:
+    torch.manual_seed(0)
+    net = VisionMamba(
+        embed_dim=192,
+        depth=4,
+        out_blocks=(1, 2, 3, 4),
+        drop_path_rate=drop_path_rate,
+        scan_backend="triton",
+    )
+    return VimFeaturePyramid(net, in_blocks=(1, 2, 3, 4), out_channels=64, cuda_graphs=cuda_graphs)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_training_steps_match_eager_ones(dtype):
+    eager, graphed = backbone(0).cuda(), backbone(2).cuda()
+    optimizer = torch.optim.AdamW(eager.parameters(), lr=1e-3)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    for step in range(3):
+        # The optimizer's update reaches the graph through in-place copies of the parameters
+        # (as a checkpoint load does); equal weights each step keep bf16 rounding from growing.
+        graphed.load_state_dict(eager.state_dict())
+        images = torch.randn(2, 3, 128, 192, device="cuda")
+        results = []
+        for model in (eager, graphed):
+            model.zero_grad()
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                levels = model(images)
+            loss = sum((level.float() * level.float().tanh()).mean() for level in levels.values())
+            loss.backward()
+            results.append((levels, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        optimizer.step()
+        (eager_levels, eager_grads), (graphed_levels, graphed_grads) = results
+        for name in eager_levels:
+            error = relative_error(graphed_levels[name], eager_levels[name])
+            assert error < tolerance, (step, name, error)
+        assert eager_grads.keys() == graphed_grads.keys()
+        for name in eager_grads:
+            error = relative_error(graphed_grads[name], eager_grads[name])
+            assert error < tolerance, (step, name, error)
+    assert len(graphed.graphs) == 1  # one capture served the three steps
+
+
+def test_gradients_accumulate_over_replays_as_eager_ones_do():
+    models = [backbone(0).cuda(), backbone(1).cuda()]
+    models[1].load_state_dict(models[0].state_dict())
+    batches = [torch.randn(2, 3, 128, 128, device="cuda") for _ in range(3)]
+    for model in models:
+        for images in batches:  # no zero_grad: .grad sums the three backward passes
+            sum(level.square().mean() for level in model(images).values()).backward()
+    for (name, eager), graphed in zip(models[0].named_parameters(), models[1].parameters()):
+        assert relative_error(graphed.grad, eager.grad) < 1e-4, name
+
+
+def test_one_capture_per_shape_and_mode_and_eager_past_the_limit(caplog):
+    eager, graphed = backbone(0).cuda(), backbone(2).cuda()
+    graphed.load_state_dict(eager.state_dict())
+    small = torch.randn(1, 3, 128, 128, device="cuda")
+    large = torch.randn(1, 3, 128, 256, device="cuda")
+    graphed.train()
+    graphed(small)["p2"].sum().backward()
+    eager.eval()
+    graphed.eval()
+    with torch.no_grad():
+        first = graphed(small)
+        assert len(graphed.graphs) == 2
+        second = graphed(small * 2)  # a replay of the same capture
+        expected = eager(small)
+        for name in expected:  # outputs without gradients are copies: the replay kept them
+            assert relative_error(first[name], expected[name]) < 1e-5, name
+            assert not torch.equal(first[name], second[name]), name
+        with caplog.at_level(logging.WARNING, logger="vimdet.modeling.cuda_graphs"):
+            past_limit = graphed(large)
+            graphed(large)
+    assert len(graphed.graphs) == 2
+    warnings = [r for r in caplog.records if "run eagerly" in r.getMessage()]
+    assert len(warnings) == 1 and "(1, 3, 128, 256)" in warnings[0].getMessage()
+    with torch.no_grad():
+        for name, level in eager(large).items():
+            assert relative_error(past_limit[name], level) < 1e-5, name
+
+
+def test_drop_path_draws_new_samples_at_every_replay():
+    model = backbone(1, drop_path_rate=0.5).cuda().train()
+    images = torch.randn(8, 3, 64, 64, device="cuda")
+    outputs = []
+    for _ in range(4):
+        levels = model(images)
+        outputs.append(levels["p4"].detach().clone())
+        levels["p4"].sum().backward()
+    assert len(model.graphs) == 1
+    assert any(not torch.equal(outputs[0], other) for other in outputs[1:])

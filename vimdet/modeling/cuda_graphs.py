@@ -1,0 +1,208 @@
+"""The backbone's forward and backward replayed as CUDA graphs, one capture per input shape.
+
+ViMDet's trunk launches a few hundred small kernels a step (24 blocks of norms, convs, scans and
+projections). On a GPU the host's launch time, not the kernels, then sets the pace: a ViMDet-T step
+costs the same at 64² as at 1024². A CUDA graph (NVIDIA, "CUDA Graphs"; PyTorch's
+``torch.cuda.CUDAGraph``) records those launches once and replays them with one call.
+
+As in ``torch.cuda.make_graphed_callables``, a capture records the forward and, when gradients are
+wanted, the backward that ``torch.autograd.grad`` runs, into one private memory pool; replays copy
+the input into the captured input tensor and return the captured outputs and parameter gradients.
+Unlike it, captures are kept per input shape and mode, so that one module serves training,
+evaluation and a few image sizes. A graph holds its activations between steps, so inputs of many
+sizes (multi-scale training without ``MODEL.VIM_FPN.SQUARE_PAD``) are a poor fit: past
+``max_graphs`` captures, new shapes run eagerly, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+__all__ = ["CudaGraphs"]
+
+logger = logging.getLogger(__name__)
+
+WARMUP_STEPS = 2  # eager passes before a capture: Triton compilation, cuBLAS workspaces
+
+
+def _autocast_state() -> Tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+
+
+class _Capture:
+    """One input shape and mode of ``run``: its forward graph and, with ``params`` to train, the
+    graph of the backward pass from every output to them.
+
+    Args:
+        run: the captured function, ``run(x) -> pytree of tensors``.
+        params: the parameters gradients flow to (empty: forward only).
+        sample: an input of the shape and dtype to capture.
+    """
+
+    def __init__(self, run: Callable[[Tensor], object], params: Tuple[nn.Parameter, ...], sample):
+        self.params = params
+        self.input = sample.detach().clone()
+        enabled, dtype = _autocast_state()
+        # Autocast's cache of cast weights would leak eager tensors into the graph (PyTorch's
+        # make_graphed_callables refuses it for this reason); casts are recorded in the graph.
+        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    outputs = tree_flatten(run(self.input))[0]
+                    self._gradients(outputs, [torch.ones_like(o) for o in outputs])
+            torch.cuda.current_stream().wait_stream(side)
+            self.forward_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.forward_graph):
+                outputs, self.spec = tree_flatten(run(self.input))
+            self.outputs = tuple(outputs)
+            self.backward_graph = None
+            if params:
+                self.output_grads = tuple(torch.empty_like(o) for o in outputs)
+                self.backward_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool()):
+                    grads = self._gradients(self.outputs, self.output_grads)
+                    # Packed by dtype inside the graph: a replay hands out one copy per dtype.
+                    self.grad_layout = [
+                        (g.shape, g.dtype) if g is not None else None for g in grads
+                    ]
+                    self.packed_grads = {
+                        dtype: torch.cat(
+                            [g.reshape(-1) for g in grads if g is not None and g.dtype == dtype]
+                        )
+                        for dtype in {g.dtype for g in grads if g is not None}
+                    }
+
+    def _gradients(self, outputs, output_grads) -> Tuple[Tensor | None, ...]:
+        if not self.params:
+            return ()
+        trained = [(o, g) for o, g in zip(outputs, output_grads) if o.requires_grad]
+        return torch.autograd.grad(
+            [o for o, _ in trained], self.params, [g for _, g in trained], allow_unused=True
+        )
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        self.input.copy_(x)
+        self.forward_graph.replay()
+        return self.outputs
+
+    def backward(self, grads: Tuple[Tensor | None, ...]) -> Tuple[Tensor | None, ...]:
+        for static, grad in zip(self.output_grads, grads):
+            if grad is None:
+                static.zero_()
+            else:
+                static.copy_(grad)
+        self.backward_graph.replay()
+        # Copies, so that gradients outlive the next replay (accumulation over steps works).
+        pieces = {
+            dtype: iter(
+                packed.clone().split(
+                    [n.numel() for n, d in filter(None, self.grad_layout) if d == dtype]
+                )
+            )
+            for dtype, packed in self.packed_grads.items()
+        }
+        return tuple(
+            next(pieces[entry[1]]).view(entry[0]) if entry is not None else None
+            for entry in self.grad_layout
+        )
+
+
+class _Replay(torch.autograd.Function):
+    """Autograd's view of a capture: inputs (x, *params), outputs the captured outputs."""
+
+    @staticmethod
+    def forward(ctx, capture: _Capture, x: Tensor, *params: Tensor) -> Tuple[Tensor, ...]:
+        ctx.capture = capture
+        return tuple(o.detach() for o in capture.forward(x))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple:
+        return (None, None, *ctx.capture.backward(grads))
+
+
+class CudaGraphs:
+    """Runs ``run(x)`` of ``module`` through CUDA graphs, one per input shape and mode.
+
+    A capture is keyed by the input's shape, dtype and device, the module's training flag, whether
+    gradients are wanted, and the autocast state. In training its outputs are the graph's own
+    tensors, valid until the same capture replays again (the next step, after the backward pass);
+    without gradients they are copied out. Parameter gradients are always fresh tensors.
+
+    Args:
+        max_graphs: captures to hold; inputs of further shapes run eagerly (with one warning).
+        name: what the log lines call the captured module.
+    """
+
+    def __init__(self, max_graphs: int, name: str = "backbone"):
+        if max_graphs < 1:
+            raise ValueError(f"CudaGraphs: max_graphs must be at least 1, got {max_graphs}")
+        self.max_graphs = max_graphs
+        self.name = name
+        self._captures: Dict[tuple, _Capture] = {}
+        self._warned = False
+
+    def __len__(self) -> int:
+        return len(self._captures)
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles of the model (EMA, torch.save of the module) capture afresh.
+        return {"max_graphs": self.max_graphs, "name": self.name}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def __call__(self, module: nn.Module, run: Callable[[Tensor], object], x: Tensor):
+        params = ()
+        if torch.is_grad_enabled():
+            params = tuple(p for p in module.parameters() if p.requires_grad)
+        key = (tuple(x.shape), x.dtype, x.device, module.training, bool(params), _autocast_state())
+        capture = self._captures.get(key)
+        if capture is None:
+            if len(self._captures) >= self.max_graphs:
+                self._warn_full(x)
+                return run(x)
+            capture = self._capture(run, params, x, key)
+        if not params:
+            return tree_unflatten([o.clone() for o in capture.forward(x)], capture.spec)
+        return tree_unflatten(list(_Replay.apply(capture, x, *params)), capture.spec)
+
+    def _capture(self, run, params, x: Tensor, key: tuple) -> _Capture:
+        started = time.perf_counter()
+        with torch.cuda.device(x.device):
+            capture = _Capture(run, params, x)
+        self._captures[key] = capture
+        logger.info(
+            "CUDA graph %d/%d of the %s captured in %.1f s: input %s %s, %s%s",
+            len(self._captures),
+            self.max_graphs,
+            self.name,
+            time.perf_counter() - started,
+            tuple(x.shape),
+            str(x.dtype).removeprefix("torch."),
+            "training" if key[3] else "evaluation",
+            " with its backward pass" if params else ", forward only",
+        )
+        return capture
+
+    def _warn_full(self, x: Tensor) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        shapes: List[tuple] = [k[0] for k in self._captures]
+        logger.warning(
+            "The %s holds its %d CUDA graphs (inputs %s); input %s and other new shapes run "
+            "eagerly. Inputs of one size (MODEL.VIM_FPN.SQUARE_PAD) need one graph per mode; or "
+            "raise MODEL.VIM_FPN.CUDA_GRAPHS (each training graph keeps its activations).",
+            self.name,
+            self.max_graphs,
+            shapes,
+            tuple(x.shape),
+        )
