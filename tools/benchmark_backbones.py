@@ -17,6 +17,9 @@ Backbone = trunk + pyramid, fed a (batch, 3, H, W) bf16-autocast tensor. Rows:
 - ``vim_t``/``vim_s``/``vim_b``: ViMDet's backbone from ``configs/cascade_vim_{t,s,b}.yaml``.
 - ``vim_t_compiled``/``vim_b_compiled``: those under ``torch.compile(dynamic=True)`` (ViMDet's
   Triton ops are single ops to the compiler; one graph serves every input size).
+- ``vim_t_graphs``/``vim_s_graphs``/``vim_b_graphs``: those with ``MODEL.VIM_FPN.CUDA_GRAPHS 2``:
+  the backbone's forward and backward replayed as CUDA graphs (one for training, one for
+  inference), which takes the host's launch time out of the step.
 - ``vim_t_row_column``/``vim_t_cross``/``vim_t_attention`` (by name only): ViMDet-T with a trunk
   option, from ``configs/trunk_options/`` (docs/trunk_options.md).
 
@@ -73,9 +76,13 @@ MODELS = (
     "vim_b",
     "vim_t_compiled",
     "vim_b_compiled",
+    "vim_t_graphs",
+    "vim_s_graphs",
+    "vim_b_graphs",
 )
 OPTION_MODELS = ("vim_t_row_column", "vim_t_cross", "vim_t_attention")
 COMPILED = "_compiled"
+GRAPHED = "_graphs"
 DETECTOR_CONFIG = "cascade_vim_b.yaml"
 
 
@@ -140,14 +147,15 @@ def use_sdpa(model: torch.nn.Module) -> torch.nn.Module:
 
 def build(name: str, image_size: int, device: str) -> torch.nn.Module:
     """The backbone (trunk + pyramid) ``name`` for ``image_size`` inputs, on ``device``."""
-    base = name.removesuffix(COMPILED)
+    base = name.removesuffix(COMPILED).removesuffix(GRAPHED)
     if base.startswith("vitdet_b"):
         model = vitdet_b(image_size)
         if "sdpa" in base:
             model = use_sdpa(model)
     else:
         config = os.path.join(REPO, "configs", VIM_CONFIGS[base])
-        model = build_vim_fpn_backbone(build_cfg(config, ["MODEL.DEVICE", device]))
+        graphs = ["MODEL.VIM_FPN.CUDA_GRAPHS", "2"] if name.endswith(GRAPHED) else []
+        model = build_vim_fpn_backbone(build_cfg(config, ["MODEL.DEVICE", device, *graphs]))
     model = model.to(device)
     if name.endswith(COMPILED):
         model = torch.compile(model, dynamic=base.startswith("vim"))

@@ -33,6 +33,12 @@ def test_sdpa_attention_equals_detectron2s():
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_graphs_rows_build_the_backbone_with_cuda_graphs():
+    tool = load_tool()
+    assert tool.build("vim_t_graphs", 64, "cpu").graphs.max_graphs == 2
+    assert tool.build("vim_t", 64, "cpu").graphs is None
+
+
 @pytest.mark.slow
 def test_tool_runs_and_writes_rows(tmp_path):
     rows_path, plot_path = tmp_path / "rows.json", tmp_path / "plot.png"
