@@ -170,6 +170,26 @@ def test_cuda_graphs_leave_cpu_inputs_eager_and_copies_capture_afresh():
     assert eager.graphs is None
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m.double(),  # new storage under the same Parameter objects
+        lambda m: m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True),
+        lambda m: m.net.pos_embed.requires_grad_(False),  # freezing changes the backward
+    ],
+)
+def test_cuda_graphs_are_dropped_when_the_weights_move(change):
+    model = build_backbone(tiny_cfg(**{"MODEL.VIM_FPN.CUDA_GRAPHS": "2"}))
+    graphs = model.graphs
+    graphs.forget_stale_captures(model)
+    graphs._captures["stand-in"] = object()
+    graphs.forget_stale_captures(model)  # nothing changed: kept
+    assert len(graphs) == 1
+    change(model)
+    graphs.forget_stale_captures(model)
+    assert len(graphs) == 0
+
+
 def test_channel_layer_norm_equals_detectron2s():
     # Same parameters and numbers as Detectron2's LayerNorm, which it replaces in the pyramid.
     from detectron2.layers.batch_norm import LayerNorm

@@ -148,6 +148,7 @@ class CudaGraphs:
         self.name = name
         self._captures: Dict[tuple, _Capture] = {}
         self._warned = False
+        self._weights: tuple = ()
 
     def __len__(self) -> int:
         return len(self._captures)
@@ -159,7 +160,25 @@ class CudaGraphs:
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
 
+    def forget_stale_captures(self, module: nn.Module) -> None:
+        """Drop every capture if ``module``'s parameters or buffers now live in other memory or
+        changed ``requires_grad`` (``.to(dtype)``, ``load_state_dict(assign=True)``, freezing): a
+        graph reads the memory it was captured with, so it would silently use stale weights."""
+        weights = tuple((p.data_ptr(), p.requires_grad) for p in module.parameters())
+        weights += tuple(b.data_ptr() for b in module.buffers())
+        if self._captures and weights != self._weights:
+            logger.info(
+                "The %s's weights moved or changed requires_grad: its %d CUDA graphs are dropped "
+                "and will be captured again",
+                self.name,
+                len(self._captures),
+            )
+            self._captures.clear()
+            self._warned = False
+        self._weights = weights
+
     def __call__(self, module: nn.Module, run: Callable[[Tensor], object], x: Tensor):
+        self.forget_stale_captures(module)
         params = ()
         if torch.is_grad_enabled():
             params = tuple(p for p in module.parameters() if p.requires_grad)
