@@ -1,6 +1,7 @@
 """The Detectron2 backbone: registry, config, pyramid shapes, padding and gradients."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -168,6 +169,16 @@ def test_cuda_graphs_leave_cpu_inputs_eager_and_copies_capture_afresh():
     copied = copy.deepcopy(graphed)
     assert copied.graphs.max_graphs == 2 and len(copied.graphs) == 0
     assert eager.graphs is None
+
+
+def test_cuda_graphs_without_square_pad_are_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="vimdet.modeling.backbone"):
+        build_backbone(tiny_cfg(**{"MODEL.VIM_FPN.CUDA_GRAPHS": "2"}))
+        build_backbone(
+            tiny_cfg(**{"MODEL.VIM_FPN.CUDA_GRAPHS": "2", "MODEL.VIM_FPN.SQUARE_PAD": "1344"})
+        )
+    warnings = [r.getMessage() for r in caplog.records if "CUDA_GRAPHS" in r.getMessage()]
+    assert len(warnings) == 1 and "Set SQUARE_PAD" in warnings[0]
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ LayerNorm'd 1x1 and 3x3 convs, plus a max-pooled p6.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, Sequence
 
@@ -23,6 +24,8 @@ from .cuda_graphs import CudaGraphs
 from .vim import VIM_SIZES, VisionMamba, _no_weight_decay, _tracing
 
 __all__ = ["ChannelLayerNorm", "VimFeaturePyramid", "build_vim_fpn_backbone", "vim_trunk_kwargs"]
+
+logger = logging.getLogger(__name__)
 
 
 class ChannelLayerNorm(nn.Module):
@@ -255,6 +258,14 @@ def build_vim_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec | None = None) -
             f"MODEL.VIM_FPN.SQUARE_PAD {fpn.SQUARE_PAD} is smaller than the largest input side "
             f"{largest_input} (INPUT.MAX_SIZE_TRAIN/TEST); images would be cropped. Raise it or "
             "set it to 0"
+        )
+    if fpn.CUDA_GRAPHS and not fpn.SQUARE_PAD:
+        logger.warning(
+            "MODEL.VIM_FPN.CUDA_GRAPHS %d without MODEL.VIM_FPN.SQUARE_PAD: multi-scale batches "
+            "come in many shapes, and only the first %d get a CUDA graph (the rest run eagerly). "
+            "Set SQUARE_PAD (e.g. 1344) for one shape to train and one to test.",
+            fpn.CUDA_GRAPHS,
+            fpn.CUDA_GRAPHS,
         )
     return VimFeaturePyramid(
         net,
