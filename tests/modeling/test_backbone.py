@@ -146,6 +146,10 @@ def test_named_sizes():
         ({"MODEL.VIM_FPN.SQUARE_PAD": "1024"}, "smaller than the largest input side 1333"),
         ({"MODEL.VIM_FPN.CUDA_GRAPHS": "-1"}, "cuda_graphs -1 must be 0 .eager. or the number"),
         (
+            {"MODEL.VIM_FPN.CUDA_GRAPHS": "2", "MODEL.VIM.USE_CHECKPOINT": "True"},
+            r"cuda_graphs with a trunk that checkpoints its blocks \(MODEL.VIM.USE_CHECKPOINT\)",
+        ),
+        (
             {"MODEL.VIM_FPN.SQUARE_PAD": "1400", "INPUT.MAX_SIZE_TEST": "1400"},
             "must be 0 or a multiple of the coarsest stride 64",
         ),

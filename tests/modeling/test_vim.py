@@ -196,6 +196,21 @@ def test_position_grid_cache_follows_parameter_updates():
     assert net.position_embedding((3, 5)).requires_grad  # training path: no stale cache
 
 
+def test_nothing_is_cached_while_a_cuda_graph_is_captured(monkeypatch):
+    # A capture would keep reading a cached tensor: stale after an optimizer step, freed once the
+    # cache lets it go. The capture query is stubbed: this machine has no GPU.
+    from vimdet.modeling import vim
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert vim._cacheable(torch.device("cpu")) and not vim._cacheable(torch.device("cuda"))
+    monkeypatch.setattr(vim, "_cacheable", lambda device: False)
+    vim._cached_bicubic_weights.cache_clear()
+    net = VisionMamba(embed_dim=8, depth=1, out_blocks=(1,), pretrain_img_size=64)
+    with torch.no_grad():
+        net.position_embedding((3, 5))
+    assert net._pos_cache == {} and vim._cached_bicubic_weights.cache_info().currsize == 0
+
+
 def test_input_not_multiple_of_patch_is_an_error():
     net = VisionMamba(embed_dim=8, depth=1, out_blocks=(1,))
     with pytest.raises(ValueError, match="not a multiple of the patch size 16"):

@@ -128,6 +128,12 @@ class VimFeaturePyramid(Backbone):
                 f"VimFeaturePyramid: cuda_graphs {cuda_graphs} must be 0 (eager) or the number of "
                 "CUDA graphs to hold"
             )
+        if cuda_graphs and net.use_checkpoint:
+            raise ValueError(
+                "VimFeaturePyramid: cuda_graphs with a trunk that checkpoints its blocks "
+                "(MODEL.VIM.USE_CHECKPOINT): a checkpoint restores the random state to recompute a "
+                "block, which a CUDA graph cannot replay. Use one or the other"
+            )
         self.graphs = CudaGraphs(cuda_graphs) if cuda_graphs else None
         dim = net.embed_dim
         use_bias = norm == ""

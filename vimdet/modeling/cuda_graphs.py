@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = ["CudaGraphs"]
@@ -47,6 +49,7 @@ class _Capture:
 
     def __init__(self, run: Callable[[Tensor], object], params: Tuple[nn.Parameter, ...], sample):
         self.params = params
+        self.pending: Callable[[], object] | None = None  # the replay awaiting its backward
         self.input = sample.detach().clone()
         enabled, dtype = _autocast_state()
         # Autocast's cache of cast weights would leak eager tensors into the graph (PyTorch's
@@ -121,10 +124,15 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, capture: _Capture, x: Tensor, *params: Tensor) -> Tuple[Tensor, ...]:
         ctx.capture = capture
+        # Until its backward pass runs, this replay's outputs and activations are the graph's
+        # memory: another replay would overwrite them (``CudaGraphs`` runs eagerly meanwhile).
+        capture.pending = weakref.ref(ctx)
         return tuple(o.detach() for o in capture.forward(x))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads: Tensor) -> tuple:
+        ctx.capture.pending = None
         return (None, None, *ctx.capture.backward(grads))
 
 
@@ -148,6 +156,7 @@ class CudaGraphs:
         self.name = name
         self._captures: Dict[tuple, _Capture] = {}
         self._warned = False
+        self._warned_pending = False
         self._weights: tuple = ()
 
     def __len__(self) -> int:
@@ -182,13 +191,26 @@ class CudaGraphs:
         params = ()
         if torch.is_grad_enabled():
             params = tuple(p for p in module.parameters() if p.requires_grad)
-        key = (tuple(x.shape), x.dtype, x.device, module.training, bool(params), _autocast_state())
+        if x.requires_grad:  # the graphs give no gradient to the input
+            return run(x)
+        key = (
+            tuple(x.shape),
+            x.dtype,
+            x.device,
+            module.training,
+            bool(params),
+            torch.is_inference_mode_enabled(),
+            _autocast_state(),
+        )
         capture = self._captures.get(key)
         if capture is None:
             if len(self._captures) >= self.max_graphs:
                 self._warn_full(x)
                 return run(x)
             capture = self._capture(run, params, x, key)
+        if capture.pending is not None and capture.pending() is not None:
+            self._warn_pending()
+            return run(x)
         if not params:
             return tree_unflatten([o.clone() for o in capture.forward(x)], capture.spec)
         return tree_unflatten(list(_Replay.apply(capture, x, *params)), capture.spec)
@@ -210,6 +232,16 @@ class CudaGraphs:
             " with its backward pass" if params else ", forward only",
         )
         return capture
+
+    def _warn_pending(self) -> None:
+        if not self._warned_pending:
+            self._warned_pending = True
+            logger.warning(
+                "The %s ran again before the backward pass of its previous CUDA graph replay "
+                "(two forward passes, one backward): this forward runs eagerly, so that the first "
+                "one's activations stay intact.",
+                self.name,
+            )
 
     def _warn_full(self, x: Tensor) -> None:
         if self._warned:

@@ -385,14 +385,22 @@ class VimBlock(nn.Module):
 
 def _tracing() -> bool:
     """Whether torch.export, torch.compile or torch.jit.trace is tracing: tensors made now are
-    fake (export, compile) or recorded (jit), and must not be cached for later calls."""
+    fake (export, compile) or recorded (jit)."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _cacheable(device: torch.device) -> bool:
+    """Whether tensors made now on ``device`` may be cached for later calls: not while the model
+    is traced (``_tracing``), nor while a CUDA graph is captured, which would keep reading the
+    cached tensor's memory after the weights change or the cache lets it go."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return not (capturing or _tracing())
 
 
 def _bicubic_matrix(src: int, dst: int, device: torch.device) -> Tensor:
     """(dst, src) weights of PyTorch's 1-D bicubic resize (align_corners=False), as a matrix;
-    cached, except while the model is traced."""
-    if _tracing():
+    cached where ``_cacheable``."""
+    if not _cacheable(device):
         return _bicubic_weights(src, dst, device)
     return _cached_bicubic_weights(src, dst, device)
 
@@ -541,10 +549,11 @@ class VisionMamba(nn.Module):
 
     def position_embedding(self, grid: Tuple[int, int]) -> Tensor:
         """The position grid resized to ``grid``; cached per size while no gradient is needed
-        and the model is not traced."""
+        and caching is safe (``_cacheable``)."""
         if grid == self.pretrain_grid:
             return self.pos_embed
-        if (torch.is_grad_enabled() and self.pos_embed.requires_grad) or _tracing():
+        needs_grad = torch.is_grad_enabled() and self.pos_embed.requires_grad
+        if needs_grad or not _cacheable(self.pos_embed.device):
             return resize_pos_embed(self.pos_embed, self.pretrain_grid, grid)
         key = (grid, self.pos_embed._version, self.pos_embed.device, self.pos_embed.dtype)
         if key not in self._pos_cache:
