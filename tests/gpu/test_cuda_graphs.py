@@ -113,3 +113,35 @@ def test_drop_path_draws_new_samples_at_every_replay():
         levels["p4"].sum().backward()
     assert len(model.graphs) == 1
     assert any(not torch.equal(outputs[0], other) for other in outputs[1:])
+
+
+def test_evaluation_replays_follow_weight_updates():
+    # The evaluation graph must read the live position grid: Detectron2 evaluates between
+    # training steps (TEST.EVAL_PERIOD), and a graph holding a cached resize would replay the
+    # grid of the first evaluation. 128x192 inputs need a resized grid (pretrained 224: 14x14).
+    eager, graphed = backbone(0).cuda().eval(), backbone(2).cuda().eval()
+    graphed.load_state_dict(eager.state_dict())
+    images = torch.randn(1, 3, 128, 192, device="cuda")
+    with torch.no_grad():
+        graphed(images)
+        eager.net.pos_embed.add_(torch.randn_like(eager.net.pos_embed))  # an update in place
+        graphed.net.pos_embed.copy_(eager.net.pos_embed)
+        expected, actual = eager(images), graphed(images)
+    assert len(graphed.graphs) == 1
+    for name in expected:
+        assert relative_error(actual[name], expected[name]) < 1e-5, name
+
+
+def test_a_second_forward_before_the_backward_runs_eagerly(caplog):
+    eager, graphed = backbone(0).cuda(), backbone(2).cuda()
+    graphed.load_state_dict(eager.state_dict())
+    first, second = (torch.randn(1, 3, 128, 128, device="cuda") for _ in range(2))
+    graphed(first)["p3"].sum().backward()  # the capture
+    with caplog.at_level(logging.WARNING, logger="vimdet.modeling.cuda_graphs"):
+        for model in (eager, graphed):
+            model.zero_grad()
+            loss = model(first)["p3"].sum() + model(second)["p3"].square().mean()
+            loss.backward()
+    assert any("ran again before the backward pass" in r.getMessage() for r in caplog.records)
+    for (name, expected), actual in zip(eager.named_parameters(), graphed.parameters()):
+        assert relative_error(actual.grad, expected.grad) < 1e-4, name
