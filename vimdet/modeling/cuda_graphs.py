@@ -61,16 +61,21 @@ class _Capture:
                 for _ in range(WARMUP_STEPS):
                     outputs = tree_flatten(run(self.input))[0]
                     self._gradients(outputs, [torch.ones_like(o) for o in outputs])
+                del outputs  # and with them the warm-up's activations
             torch.cuda.current_stream().wait_stream(side)
+            # Captured on the warm-up stream, as make_graphed_callables does: the parameters'
+            # AccumulateGrad nodes, made in the warm-up, then match the capture's stream.
             self.forward_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.forward_graph):
+            with torch.cuda.graph(self.forward_graph, stream=side):
                 outputs, self.spec = tree_flatten(run(self.input))
             self.outputs = tuple(outputs)
             self.backward_graph = None
             if params:
                 self.output_grads = tuple(torch.empty_like(o) for o in outputs)
                 self.backward_graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool()):
+                with torch.cuda.graph(
+                    self.backward_graph, pool=self.forward_graph.pool(), stream=side
+                ):
                     grads = self._gradients(self.outputs, self.output_grads)
                     # Packed by dtype inside the graph: a replay hands out one copy per dtype.
                     self.grad_layout = [
@@ -82,6 +87,9 @@ class _Capture:
                         )
                         for dtype in {g.dtype for g in grads if g is not None}
                     }
+                # Drop the captured autograd graph: replays build their own, and its nodes
+                # (made on the capture stream) would otherwise serve the replays' gradients.
+                self.outputs = tuple(o.detach() for o in self.outputs)
 
     def _gradients(self, outputs, output_grads) -> Tuple[Tensor | None, ...]:
         if not self.params:
