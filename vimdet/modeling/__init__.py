@@ -1,6 +1,8 @@
-"""Modeling: the Vim trunk, its feature pyramid and what is known about Vim weights.
+"""Modeling: the Vim trunk, its feature pyramid, the ROI heads with fused norms and what is known
+about Vim weights.
 
-Importing this package registers the ``build_vim_fpn_backbone`` backbone.
+Importing this package registers the ``build_vim_fpn_backbone`` backbone and the
+``FusedNormConvFCHead`` box and ``FusedNormMaskHead`` mask heads.
 """
 
 from .backbone import (
@@ -9,6 +11,7 @@ from .backbone import (
     build_vim_fpn_backbone,
     vim_trunk_kwargs,
 )
+from .heads import FusedNormConvFCHead, FusedNormMaskHead, fuse_channel_layer_norms
 from .vim import (
     SCAN_ROUTES,
     VIM_SIZES,
@@ -37,6 +40,8 @@ __all__ = [
     "AttentionMixer",
     "BiMambaMixer",
     "ChannelLayerNorm",
+    "FusedNormConvFCHead",
+    "FusedNormMaskHead",
     "RMSNorm",
     "VimBlock",
     "VimFeaturePyramid",
@@ -45,6 +50,7 @@ __all__ = [
     "build_vim_fpn_backbone",
     "convert_vim_state_dict",
     "fit_trunk_state",
+    "fuse_channel_layer_norms",
     "is_released_vim_state",
     "resize_pos_embed",
     "trunk_tensors",
