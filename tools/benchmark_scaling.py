@@ -294,6 +294,12 @@ def main() -> None:
     parser.add_argument("--resume-iters", type=int, default=None, help="resumed on 1: 10 (5)")
     parser.add_argument("--machines-iters", type=int, default=40, help="iterations, 2 machines")
     parser.add_argument("--part-timeout", type=float, default=150.0, help="seconds per part")
+    parser.add_argument(
+        "--cpu-eval-timeout",
+        type=float,
+        default=300.0,
+        help="seconds for the CPU evaluation (about 2 s an image of the Cascade Vim-T at 320 px)",
+    )
     parser.add_argument("--deadline", type=float, default=420.0, help="no part starts after it")
     parser.add_argument("--parts", default="scaling,machines,eval,resume,cpu-eval")
     parser.add_argument("--cpu-smoke", action="store_true", help="CPU processes over gloo")
@@ -533,6 +539,7 @@ def main() -> None:
                 )
             ],
             envs=[cpu_env],
+            timeout=args.cpu_eval_timeout,
         )
         result.pop("arrivals", None)
         result["bbox"] = copypaste_results(console_text(logs, "cpu_eval"))
