@@ -1,9 +1,10 @@
 """The backbone's forward and backward replayed as CUDA graphs, one capture per input shape.
 
-ViMDet's trunk launches a few hundred small kernels a step (24 blocks of norms, convs, scans and
-projections). On a GPU the host's launch time, not the kernels, then sets the pace: a ViMDet-T step
-costs the same at 64² as at 1024². A CUDA graph (NVIDIA, "CUDA Graphs"; PyTorch's
-``torch.cuda.CUDAGraph``) records those launches once and replays them with one call.
+ViMDet's trunk launches a few thousand small kernels a training step (24 blocks of norms, convs,
+scans and projections, forward and backward). On a GPU with a slow host the launches, not the
+kernels, then set the pace: a ViMDet-T step costs the same at 64² as at 1024². A CUDA graph
+(NVIDIA, "CUDA Graphs"; PyTorch's ``torch.cuda.CUDAGraph``) records those launches once and
+replays them with one call.
 
 As in ``torch.cuda.make_graphed_callables``, a capture records the forward and, when gradients are
 wanted, the backward that ``torch.autograd.grad`` runs, into one private memory pool; replays copy
@@ -148,9 +149,10 @@ class CudaGraphs:
     """Runs ``run(x)`` of ``module`` through CUDA graphs, one per input shape and mode.
 
     A capture is keyed by the input's shape, dtype and device, the module's training flag, whether
-    gradients are wanted, and the autocast state. In training its outputs are the graph's own
-    tensors, valid until the same capture replays again (the next step, after the backward pass);
-    without gradients they are copied out. Parameter gradients are always fresh tensors.
+    gradients are wanted, inference mode and the autocast state. In training its outputs are the
+    graph's own tensors, valid until the same capture replays again (the next step, after the
+    backward pass); without gradients they are copied out. Parameter gradients are always fresh
+    tensors.
 
     Args:
         max_graphs: captures to hold; inputs of further shapes run eagerly (with one warning).
