@@ -155,6 +155,24 @@ def test_bf16_inputs_match_reference():
     assert_matches_reference(inputs, softplus, torch.bfloat16)
 
 
+@pytest.mark.parametrize(
+    "length, channels, walk_grid",
+    [(21, 19, None), (21, 16, (3, 7)), (1, 8, None)],
+)
+def test_butterfly_channel_sums_match_reference(monkeypatch, length, channels, walk_grid):
+    # 16 channels a backward program, twice the chunk: dB and dC are summed over channels by the
+    # butterfly of scan_backward_kernel (PAIRED_SUMS), as at the GPU's 32 and 16, with partial
+    # channel blocks, a partial last chunk and a column walk.
+    monkeypatch.setattr(scan_triton, "BACKWARD_BLOCK", (16, 1))
+    inputs, softplus = make_inputs(2, 1, length, channels, 4, "mamba")
+    kwargs = {}
+    if walk_grid is not None:
+        height, width = walk_grid
+        kwargs["walk"] = column_major_walk(height, width)
+        kwargs["order"] = torch.arange(length).view(height, width).t().reshape(-1)
+    assert_matches_reference(inputs, softplus, torch.float32, **kwargs)
+
+
 def test_column_major_walk_matches_transposed_grid():
     # An odd, non-square 5 x 7 grid: the column walk must equal scanning the transposed grid.
     height, width = 5, 7

@@ -42,9 +42,10 @@ def test_chunk_kernels_scan_in_registers():
             assert int(row["spill bytes"]) == 0, row
             # B and C, state-major along a row-major walk, are read as vectors.
             assert int(row["ld.global vector"]) >= 2, row
-        # The backward's only shuffles are the sums of dB and dC over a program's channels.
+        # The backward's only shuffles are the sums of dB and dC over a program's 32 channels, by
+        # a butterfly: 2 * (8 + 4 + 2 + 1) + 1 exchanges a state (tl.sum would take 2 * 16 * 5).
         if row["kernel"] == "scan_backward_kernel":
-            assert int(row["shfl.sync"]) <= 2 * 16 * 5, row
+            assert int(row["shfl.sync"]) <= 31, row
 
 
 def test_interpreter_kernels_are_refused():

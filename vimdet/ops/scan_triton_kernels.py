@@ -80,6 +80,46 @@ def _walk_token(
 
 
 @triton.jit
+def _lane_swap(x, BIT: tl.constexpr):
+    """x with columns c and c ^ BIT exchanged, exactly (an xor of the bits): (R, E) -> (R, E). A
+    column is a lane in the kernels' layout, so the exchange is one ``shfl.sync.bfly`` a register."""
+    R: tl.constexpr = x.shape[0]
+    E: tl.constexpr = x.shape[1]
+    bits = tl.reshape(x.to(tl.int32, bitcast=True), [R, E // (2 * BIT), 2, BIT])
+    swapped = bits ^ tl.xor_sum(bits, axis=2, keep_dims=True)
+    return tl.reshape(swapped, [R, E]).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _halve_rows(x, column):
+    """A reduce-scatter step: (R, E) -> (R/2, E). Columns c and c ^ R add up rows r and r + R/2;
+    the column with bit R set keeps the sums of the upper half, its partner those of the lower
+    half. One exchange for two rows, where summing both rows over both columns takes two.
+    ``column``: (1, E), the column indices."""
+    R: tl.constexpr = x.shape[0]
+    E: tl.constexpr = x.shape[1]
+    lower, higher = tl.split(tl.permute(tl.reshape(x, [2, R // 2, E]), [1, 2, 0]))
+    upper = (column & R) != 0
+    return tl.where(upper, higher, lower) + _lane_swap(tl.where(upper, lower, higher), R)
+
+
+@triton.jit
+def _channel_sums_of_two(x, y, LEVELS: tl.constexpr):
+    """Row sums of two (R, E) tiles over their E = 2R columns, R = 2**LEVELS, as (1, E): column
+    2r holds x's sum of row r, column 2r + 1 y's. A transposing butterfly: LEVELS halvings of each
+    tile, then one exchange between the two, 2R - 1 exchanges in all where ``tl.sum`` over the
+    columns' lanes takes 2R log2(E)."""
+    tl.static_assert(x.shape[1] == 2 * x.shape[0], "a butterfly of R rows needs 2R columns")
+    tl.static_assert(x.shape[0] == 2**LEVELS)
+    column = tl.arange(0, x.shape[1])[None, :]
+    for _ in tl.static_range(LEVELS):
+        x = _halve_rows(x, column)
+        y = _halve_rows(y, column)
+    odd = (column & 1) != 0
+    return tl.where(odd, y, x) + _lane_swap(tl.where(odd, x, y), 1)
+
+
+@triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 
@@ -646,11 +686,14 @@ def scan_backward_kernel(
     SOFTPLUS: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    PAIRED_SUMS: tl.constexpr,
+    SUM_LEVELS: tl.constexpr,
 ):
     """Gradients of one direction of ``scan_output_kernel`` over a chunk of BLOCK_E channels.
 
     du and ddelta are written whole. dB and dC are summed over this program's channels into
-    partials (E blocks, batch, L, N); dA, dD and dbias over its positions into partials
+    partials (E blocks, batch, L, N), by a butterfly when ``PAIRED_SUMS`` (BLOCK_E = 2 BLOCK_L =
+    2**(SUM_LEVELS + 1)), else by ``tl.sum``; dA, dD and dbias over its positions into partials
     (batch * chunks, ...): the caller adds them up in a fixed order, without atomics. dz needs
     every direction's ungated output: it is summed through ``partial`` as in the forward, and
     the ``FINAL`` direction writes dz. Pointers are those of this direction.
@@ -724,12 +767,24 @@ def scan_backward_kernel(
             tl.sum(d_log_decay * dt, axis=0),
             mask=e_ok,
         )
-        _store_token_column(
-            dB_part_ptr, tl.sum(g * dtu, axis=1), tok, rows_ok, n, s_dBp_n, ROW_MAJOR
-        )
-        _store_token_column(
-            dC_part_ptr, tl.sum(dy * h, axis=1), tok, rows_ok, n, s_dBp_n, ROW_MAJOR
-        )
+        if PAIRED_SUMS:
+            # dB and dC of row r come out of columns 2r and 2r + 1. Their addresses are made here,
+            # not kept through the loop: the kernel has no registers to spare.
+            sums = tl.reshape(_channel_sums_of_two(g * dtu, dy * h, SUM_LEVELS), [BLOCK_E])
+            column = tl.arange(0, BLOCK_E)
+            sum_pos = chunk * BLOCK_L + column // 2
+            sum_tok = _walk_token(
+                sum_pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride, ROW_MAJOR
+            )
+            sum_ptrs = tl.where(column % 2 == 0, dB_part_ptr, dC_part_ptr) + n * s_dBp_n
+            tl.store(sum_ptrs + sum_tok, sums, mask=sum_pos < length)
+        else:
+            _store_token_column(
+                dB_part_ptr, tl.sum(g * dtu, axis=1), tok, rows_ok, n, s_dBp_n, ROW_MAJOR
+            )
+            _store_token_column(
+                dC_part_ptr, tl.sum(dy * h, axis=1), tok, rows_ok, n, s_dBp_n, ROW_MAJOR
+            )
     # The inputs that only the final gradients need are read again rather than kept in registers
     # through the loop over states.
     u = _load_tile(u_ptr + b * s_u_b, tok, rows_ok, offs_e, e_ok, s_u_l, s_u_e, True)
