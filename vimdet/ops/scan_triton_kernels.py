@@ -81,8 +81,8 @@ def _walk_token(
 
 @triton.jit
 def _lane_swap(x, BIT: tl.constexpr):
-    """x with columns c and c ^ BIT exchanged, exactly (an xor of the bits): (R, E) -> (R, E). A
-    column is a lane in the kernels' layout, so the exchange is one ``shfl.sync.bfly`` a register."""
+    """x with columns c and c ^ BIT exchanged, exactly (an xor of the bits): (R, E) -> (R, E).
+    A column is a lane in the kernels' layout: the exchange is one ``shfl.sync.bfly`` a register."""
     R: tl.constexpr = x.shape[0]
     E: tl.constexpr = x.shape[1]
     bits = tl.reshape(x.to(tl.int32, bitcast=True), [R, E // (2 * BIT), 2, BIT])
