@@ -80,6 +80,28 @@ def _walk_token(
 
 
 @triton.jit
+def _shift_rows(x, edge, UP: tl.constexpr):
+    """x moved by one row, ``edge`` (1, E) filling the row left open: (R, E) -> (R, E), R a power
+    of two. ``UP``: row r gets row r + 1 (the last gets ``edge``); else row r - 1 (the first gets
+    ``edge``). Rows are a thread's registers in the kernels' layout, so this moves no data between
+    threads: it is written as a recursion over even and odd rows because Triton has no slices."""
+    R: tl.constexpr = x.shape[0]
+    E: tl.constexpr = x.shape[1]
+    if R == 1:
+        return edge
+    else:
+        even, odd = tl.split(tl.permute(tl.reshape(x, [R // 2, 2, E]), [0, 2, 1]))
+        # Interleaved again below as rows 2k and 2k + 1.
+        if UP:
+            first = odd
+            second = _shift_rows(even, edge, UP)
+        else:
+            first = _shift_rows(odd, edge, UP)
+            second = even
+        return tl.reshape(tl.permute(tl.join(first, second), [0, 2, 1]), [R, E])
+
+
+@triton.jit
 def _lane_swap(x, BIT: tl.constexpr):
     """x with columns c and c ^ BIT exchanged, exactly (an xor of the bits): (R, E) -> (R, E).
     A column is a lane in the kernels' layout: the exchange is one ``shfl.sync.bfly`` a register."""
@@ -716,17 +738,19 @@ def scan_backward_kernel(
     dt, _ = _load_dt(
         delta_ptr, bias_ptr, tok, rows_ok, offs_e, e_ok, s_dl_l, s_dl_e, HAS_BIAS, SOFTPLUS
     )
-    # dt of the next walk position: its decay carries the adjoint back to this one.
+    # The decay of the next walk position carries the adjoint back to this one: inside the chunk it
+    # is the state's decay one row on; past the chunk's end it is that of the next chunk's first
+    # position, whose dt is read here.
     if REVERSE:
-        next_pos = pos - 1
+        edge_pos = chunk * BLOCK_L - 1
     else:
-        next_pos = pos + 1
-    next_ok = (next_pos >= 0) & (next_pos < length)
-    next_tok = _walk_token(
-        next_pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride, ROW_MAJOR
+        edge_pos = chunk * BLOCK_L + BLOCK_L
+    edge_ok = (edge_pos >= 0) & (edge_pos < length)
+    edge_tok = _walk_token(
+        edge_pos, walk_start, walk_inner, walk_inner_stride, walk_outer_stride, ROW_MAJOR
     )
-    next_dt, _ = _load_dt(
-        delta_ptr, bias_ptr, next_tok, next_ok, offs_e, e_ok, s_dl_l, s_dl_e, HAS_BIAS, SOFTPLUS
+    edge_dt = _load_dt_row(
+        delta_ptr, bias_ptr, edge_tok, edge_ok, offs_e, e_ok, s_dl_l, s_dl_e, HAS_BIAS, SOFTPLUS
     )
     u = _load_tile(u_ptr + b * s_u_b, tok, rows_ok, offs_e, e_ok, s_u_l, s_u_e)
     dtu = dt * u
@@ -752,9 +776,11 @@ def scan_backward_kernel(
         adj_entering = _channel_column(adj_carry_ptr, offs_e, e_ok, n, 1, channels)
         a2 = a * LOG2E
         drive = dtu * bn[:, None]
-        cumulative, h = _scan_rows(tl.exp2(dt * a2[None, :]), drive, REVERSE)
+        decay = tl.exp2(dt * a2[None, :])
+        cumulative, h = _scan_rows(decay, drive, REVERSE)
         h += cumulative * entering[None, :]
-        cumulative, g = _scan_rows(tl.exp2(next_dt * a2[None, :]), dy * cn[:, None], not REVERSE)
+        next_decay = _shift_rows(decay, tl.exp2(edge_dt * a2)[None, :], not REVERSE)
+        cumulative, g = _scan_rows(next_decay, dy * cn[:, None], not REVERSE)
         g += cumulative * adj_entering[None, :]
         if HAS_Z:
             y += h * cn[:, None]
