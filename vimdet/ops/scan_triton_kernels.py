@@ -43,16 +43,25 @@ def _combine(decay_left, value_left, decay_right, value_right):
 
 
 @triton.jit
-def _scan_rows(decay, value, REVERSE: tl.constexpr):
+def _scan_rows(decay, value, start, REVERSE: tl.constexpr):
     """h[t] = decay[t] * h[t -/+ 1] + value[t] down the rows (``REVERSE``: up from the last row),
-    with the cumulative decays. A reverse scan is a forward scan of the flipped tiles: Triton lowers
-    reverse scans through warp shuffles, flips of rows a thread holds through register moves."""
+    from h = ``start`` (E,) before the first. The start is folded into the first row's value, so
+    no cumulative decay is formed. A reverse scan is a forward scan of the flipped tiles: Triton
+    lowers reverse scans through warp shuffles, flips of rows a thread holds through register
+    moves."""
+    ROWS: tl.constexpr = decay.shape[0]
     if REVERSE:
-        cumulative, h = tl.associative_scan(
+        first = tl.arange(0, ROWS)[:, None] == ROWS - 1
+    else:
+        first = tl.arange(0, ROWS)[:, None] == 0
+    value += tl.where(first, decay * start[None, :], 0.0)
+    if REVERSE:
+        _, h = tl.associative_scan(
             (tl.flip(decay, 0), tl.flip(value, 0)), axis=0, combine_fn=_combine
         )
-        return tl.flip(cumulative, 0), tl.flip(h, 0)
-    return tl.associative_scan((decay, value), axis=0, combine_fn=_combine)
+        return tl.flip(h, 0)
+    _, h = tl.associative_scan((decay, value), axis=0, combine_fn=_combine)
+    return h
 
 
 @triton.jit
@@ -491,8 +500,8 @@ def scan_output_kernel(
         bn = _token_column(B_ptr, tok, rows_ok, n, s_B_n, ROW_MAJOR)
         cn = _token_column(C_ptr, tok, rows_ok, n, s_C_n, ROW_MAJOR)
         entering = _channel_column(carry_ptr, offs_e, e_ok, n, 1, channels)
-        cumulative, h = _scan_rows(tl.exp2(dt * a2[None, :]), dtu * bn[:, None], REVERSE)
-        y += (h + cumulative * entering[None, :]) * cn[:, None]
+        h = _scan_rows(tl.exp2(dt * a2[None, :]), dtu * bn[:, None], entering, REVERSE)
+        y += h * cn[:, None]
     partial_ptrs = partial_ptr + (b * length + tok[:, None]) * s_partial_l + offs_e[None, :]
     if ADD_PARTIAL:
         y += tl.load(partial_ptrs, mask=mask, other=0.0)
@@ -777,11 +786,9 @@ def scan_backward_kernel(
         a2 = a * LOG2E
         drive = dtu * bn[:, None]
         decay = tl.exp2(dt * a2[None, :])
-        cumulative, h = _scan_rows(decay, drive, REVERSE)
-        h += cumulative * entering[None, :]
+        h = _scan_rows(decay, drive, entering, REVERSE)
         next_decay = _shift_rows(decay, tl.exp2(edge_dt * a2)[None, :], not REVERSE)
-        cumulative, g = _scan_rows(next_decay, dy * cn[:, None], not REVERSE)
-        g += cumulative * adj_entering[None, :]
+        g = _scan_rows(next_decay, dy * cn[:, None], adj_entering, not REVERSE)
         if HAS_Z:
             y += h * cn[:, None]
         # d log(decay[t]) = g[t] * decay[t] * h[t-1] = g[t] * (h[t] - drive[t]).
