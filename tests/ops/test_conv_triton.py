@@ -57,6 +57,32 @@ def test_triton_conv_matches_flip_definition(monkeypatch, length, channels):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_bf16_input_keeps_its_dtype_and_matches_fp32(monkeypatch):
+    # bf16 x, as under autocast: u, dx and the scratch g between the backward's two kernels are
+    # bf16, the sums fp32. Against the fp32 definition on the same values, to bf16's rounding
+    # (relative to the largest magnitude of each tensor).
+    monkeypatch.setattr(conv_triton, "BLOCK", (8, 8))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 21, 12, generator=gen).to(torch.bfloat16)
+    params = [torch.randn(*shape, generator=gen) for shape in ((12, 1, 4), (12,)) * 2]
+    results = []
+    for function, x_in in (
+        (lambda *args: conv_both_directions(*args, backend="triton"), x),
+        (flip_definition, x.float()),
+    ):
+        leaves = [x_in.clone().requires_grad_()] + [p.clone().requires_grad_() for p in params]
+        out = function(*leaves)
+        upstream = torch.linspace(-1, 1, out.numel()).view_as(out)
+        results.append((out, torch.autograd.grad((out.float() * upstream).sum(), leaves)))
+    (out, grads), (expected, expected_grads) = results
+    assert out.dtype == grads[0].dtype == torch.bfloat16
+    for name, actual, reference in zip(
+        ("output", "x", "w", "b", "w_b", "b_b"), (out, *grads), (expected, *expected_grads)
+    ):
+        error = (actual.float() - reference).abs().max() / reference.abs().max()
+        assert error < 1.6e-2, (name, error.item())
+
+
 def test_registered_op_passes_opcheck():
     # torch.library's checks of the schema, the fake (meta) kernel and the autograd registration.
     x = torch.randn(1, 9, 6, requires_grad=True)

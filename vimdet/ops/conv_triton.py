@@ -62,7 +62,9 @@ def _conv_backward_op(
     grid = _grid(x)
     blocks = grid[0] * batch
     f32 = {"dtype": torch.float32, "device": x.device}
-    grads = torch.empty((2, batch, length, channels), **f32)
+    # The scratch g between the two kernels is kept in x's dtype: in bf16 that halves its traffic,
+    # and rounds g as du, which arrives in that dtype, is already rounded.
+    grads = torch.empty((2, batch, length, channels), dtype=x.dtype, device=x.device)
     dw_parts = torch.empty((blocks, 2, taps, channels), **f32)
     dbias_parts = torch.empty((blocks, 2, channels), **f32)
     dx = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)

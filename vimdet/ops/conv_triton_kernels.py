@@ -165,9 +165,10 @@ def conv_backward_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """The gradients of the pre-activations, g = du * SiLU'(pre) (2, batch, L, E) fp32 by walk
-    position, and each program's partial sums of the tap and bias gradients, (batch * L blocks,
-    2, TAPS, E) and (batch * L blocks, 2, E), added up by the caller in a fixed order."""
+    """The gradients of the pre-activations, g = du * SiLU'(pre) (2, batch, L, E) by walk
+    position in g's dtype, and each program's partial sums of the tap and bias gradients (from g
+    in fp32), (batch * L blocks, 2, TAPS, E) and (batch * L blocks, 2, E), added up by the caller
+    in a fixed order."""
     b = tl.program_id(2).to(tl.int64)
     block = b * tl.num_programs(0) + tl.program_id(0)
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -205,7 +206,11 @@ def conv_backward_kernel(
         sig = _sigmoid(pre)
         grad = tl.load(du + d * s_du_dir, mask=mask, other=0.0).to(tl.float32)
         grad = tl.where(mask, grad * sig * (1.0 + pre * (1.0 - sig)), 0.0)
-        tl.store(g_out + d * tl.num_programs(2) * length * channels, grad, mask=mask)
+        tl.store(
+            g_out + d * tl.num_programs(2) * length * channels,
+            grad.to(g_ptr.dtype.element_ty),
+            mask=mask,
+        )
         tl.store(
             dbias_part_ptr + (block * 2 + d) * channels + offs_e, tl.sum(grad, axis=0), mask=e_ok
         )
@@ -252,7 +257,7 @@ def conv_backward_input_kernel(
     BLOCK_E: tl.constexpr,
 ):
     """dx[token(t)] = sum_j w[K-1-j] g_fwd[t+j] + w_b[K-1-j] g_bwd[t-j], from g (2, batch, L, E)
-    fp32 by walk position t."""
+    by walk position t, summed in fp32."""
     b = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
