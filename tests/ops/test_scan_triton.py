@@ -161,8 +161,8 @@ def test_bf16_inputs_match_reference():
 )
 def test_butterfly_channel_sums_match_reference(monkeypatch, length, channels, walk_grid):
     # 16 channels a backward program, twice the chunk: dB and dC are summed over channels by the
-    # butterfly of scan_backward_kernel (PAIRED_SUMS), as at the GPU's 32 and 16, with partial
-    # channel blocks, a partial last chunk and a column walk.
+    # butterfly of scan_backward_kernel (BLOCK_E = 2 BLOCK_L), as at the GPU's 32 and 16, with
+    # partial channel blocks, a partial last chunk and a column walk.
     monkeypatch.setattr(scan_triton, "BACKWARD_BLOCK", (16, 1))
     inputs, softplus = make_inputs(2, 1, length, channels, 4, "mamba")
     kwargs = {}

@@ -397,8 +397,6 @@ def _scan_walk_backward(
                 SOFTPLUS=delta_softplus,
                 BLOCK_L=CHUNK,
                 BLOCK_E=block_e,
-                PAIRED_SUMS=block_e == 2 * CHUNK,
-                SUM_LEVELS=CHUNK.bit_length() - 1,
                 num_warps=warps,
             )
     # 3. The partial sums, added in a fixed order (deterministic; no atomics).

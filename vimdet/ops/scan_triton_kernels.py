@@ -135,17 +135,26 @@ def _halve_rows(x, column):
 
 
 @triton.jit
-def _channel_sums_of_two(x, y, LEVELS: tl.constexpr):
-    """Row sums of two (R, E) tiles over their E = 2R columns, R = 2**LEVELS, as (1, E): column
-    2r holds x's sum of row r, column 2r + 1 y's. A transposing butterfly: LEVELS halvings of each
-    tile, then one exchange between the two, 2R - 1 exchanges in all where ``tl.sum`` over the
-    columns' lanes takes 2R log2(E)."""
+def _reduce_scatter_rows(x, column):
+    """``_halve_rows`` until one row is left: (R, E = 2R) -> (1, E), R a power of two. Column c
+    then holds row c // 2 summed over the R columns of c's parity (a recursion, as in
+    ``_shift_rows``)."""
+    if x.shape[0] == 1:
+        return x
+    else:
+        return _reduce_scatter_rows(_halve_rows(x, column), column)
+
+
+@triton.jit
+def _channel_sums_of_two(x, y):
+    """Row sums of two (R, E) tiles over their E = 2R columns, as (1, E): column 2r holds x's sum
+    of row r, column 2r + 1 y's. A transposing butterfly: log2(R) halvings of each tile, then one
+    exchange between the two, 2R - 1 exchanges in all where ``tl.sum`` over the columns' lanes
+    takes 2R log2(E)."""
     tl.static_assert(x.shape[1] == 2 * x.shape[0], "a butterfly of R rows needs 2R columns")
-    tl.static_assert(x.shape[0] == 2**LEVELS)
     column = tl.arange(0, x.shape[1])[None, :]
-    for _ in tl.static_range(LEVELS):
-        x = _halve_rows(x, column)
-        y = _halve_rows(y, column)
+    x = _reduce_scatter_rows(x, column)
+    y = _reduce_scatter_rows(y, column)
     odd = (column & 1) != 0
     return tl.where(odd, y, x) + _lane_swap(tl.where(odd, x, y), 1)
 
@@ -717,14 +726,12 @@ def scan_backward_kernel(
     SOFTPLUS: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_E: tl.constexpr,
-    PAIRED_SUMS: tl.constexpr,
-    SUM_LEVELS: tl.constexpr,
 ):
     """Gradients of one direction of ``scan_output_kernel`` over a chunk of BLOCK_E channels.
 
     du and ddelta are written whole. dB and dC are summed over this program's channels into
-    partials (E blocks, batch, L, N), by a butterfly when ``PAIRED_SUMS`` (BLOCK_E = 2 BLOCK_L =
-    2**(SUM_LEVELS + 1)), else by ``tl.sum``; dA, dD and dbias over its positions into partials
+    partials (E blocks, batch, L, N), by a butterfly where BLOCK_E = 2 BLOCK_L (the GPU's 32
+    and 16), else by ``tl.sum``; dA, dD and dbias over its positions into partials
     (batch * chunks, ...): the caller adds them up in a fixed order, without atomics. dz needs
     every direction's ungated output: it is summed through ``partial`` as in the forward, and
     the ``FINAL`` direction writes dz. Pointers are those of this direction.
@@ -800,10 +807,10 @@ def scan_backward_kernel(
             tl.sum(d_log_decay * dt, axis=0),
             mask=e_ok,
         )
-        if PAIRED_SUMS:
+        if BLOCK_E == 2 * BLOCK_L:
             # dB and dC of row r come out of columns 2r and 2r + 1. Their addresses are made here,
             # not kept through the loop: the kernel has no registers to spare.
-            sums = tl.reshape(_channel_sums_of_two(g * dtu, dy * h, SUM_LEVELS), [BLOCK_E])
+            sums = tl.reshape(_channel_sums_of_two(g * dtu, dy * h), [BLOCK_E])
             column = tl.arange(0, BLOCK_E)
             sum_pos = chunk * BLOCK_L + column // 2
             sum_tok = _walk_token(
