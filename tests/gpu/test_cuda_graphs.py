@@ -1,13 +1,16 @@
 """GPU tests of the backbone replayed as CUDA graphs (MODEL.VIM_FPN.CUDA_GRAPHS) against the same
 backbone run eagerly: training steps with an optimizer between them (outputs, every gradient,
 bf16 autocast with its cache on, as Detectron2's AMP trainer runs it), one capture per shape and
-mode, eager runs past the limit, evaluation outputs that outlive the next call, and drop path
-drawn afresh at every replay. Skipped without CUDA."""
+mode, eager runs past the limit, evaluation outputs that outlive the next call, drop path
+drawn afresh at every replay, and the backbone inside DistributedDataParallel, as Detectron2's
+trainer wraps it on several GPUs. Skipped without CUDA."""
 
 import logging
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from vimdet.modeling import VimFeaturePyramid, VisionMamba
 from vimdet.ops import triton_available
@@ -150,3 +153,33 @@ def test_a_second_forward_before_the_backward_runs_eagerly(caplog):
     assert not without, f"no gradient (eager or graphed): {without}"
     for (name, expected), actual in pairs:
         assert relative_error(actual.grad, expected.grad) < 1e-4, name
+
+
+def test_graphed_backbone_trains_inside_distributed_data_parallel(tmp_path):
+    # DDP keeps the parameters' AccumulateGrad nodes from its construction, on the default stream;
+    # a capture whose backward ran into them failed on several GPUs ("operation would make the
+    # legacy stream depend on a capturing blocking stream"). One NCCL process builds the same
+    # reducer and hooks as several do.
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        eager, graphed = backbone(0).cuda(), backbone(1).cuda()
+        models = [DistributedDataParallel(m, device_ids=[0]) for m in (eager, graphed)]
+        optimizer = torch.optim.AdamW(eager.parameters(), lr=1e-3)
+        for step in range(3):
+            graphed.load_state_dict(eager.state_dict())  # in place: the capture reads it
+            images = torch.randn(2, 3, 128, 128, device="cuda")
+            grads = []
+            for model in models:
+                model.zero_grad()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    levels = model(images)
+                loss = sum((lv.float() * lv.float().tanh()).mean() for lv in levels.values())
+                loss.backward()
+                grads.append({n: p.grad.clone() for n, p in model.module.named_parameters()})
+            optimizer.step()
+            for name, expected in grads[0].items():
+                error = relative_error(grads[1][name], expected)
+                assert error < 2e-2, (step, name, error)
+        assert len(graphed.graphs) == 1
+    finally:
+        dist.destroy_process_group()

@@ -17,10 +17,11 @@ sizes (multi-scale training without ``MODEL.VIM_FPN.SQUARE_PAD``) are a poor fit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -38,24 +39,65 @@ def _autocast_state() -> Tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
 
+@contextlib.contextmanager
+def _leaf_aliases(
+    module: nn.Module, params: Tuple[nn.Parameter, ...]
+) -> Iterator[Tuple[nn.Parameter, ...]]:
+    """``module``'s ``params`` replaced, inside, by new leaves on their memory (yielded in order).
+
+    Autograd hands a leaf its gradient on the stream its AccumulateGrad node was made on.
+    DistributedDataParallel keeps the parameters' nodes alive from its construction, on the default
+    stream, and a backward pass captured on another stream may not wait on that one (CUDA:
+    "operation would make the legacy stream depend on a capturing blocking stream"). New leaves
+    get new nodes on the capture's stream; sharing the parameters' memory, the graphs still read
+    the weights that the optimizer updates in place. Tied parameters share one alias.
+    """
+    aliases: Dict[int, nn.Parameter] = {id(p): nn.Parameter(p.detach()) for p in params}
+    swapped = []
+    for owner in module.modules():
+        for name, param in owner._parameters.items():
+            if param is not None and id(param) in aliases:
+                swapped.append((owner, name, param))
+    for owner, name, param in swapped:
+        owner._parameters[name] = aliases[id(param)]
+    try:
+        yield tuple(aliases[id(p)] for p in params)
+    finally:
+        for owner, name, param in swapped:
+            owner._parameters[name] = param
+
+
 class _Capture:
     """One input shape and mode of ``run``: its forward graph and, with ``params`` to train, the
     graph of the backward pass from every output to them.
 
     Args:
+        module: the module whose parameters ``run`` reads.
         run: the captured function, ``run(x) -> pytree of tensors``.
-        params: the parameters gradients flow to (empty: forward only).
+        params: the parameters of ``module`` gradients flow to (empty: forward only).
         sample: an input of the shape and dtype to capture.
     """
 
-    def __init__(self, run: Callable[[Tensor], object], params: Tuple[nn.Parameter, ...], sample):
-        self.params = params
+    def __init__(
+        self,
+        module: nn.Module,
+        run: Callable[[Tensor], object],
+        params: Tuple[nn.Parameter, ...],
+        sample: Tensor,
+    ):
         self.pending: Callable[[], object] | None = None  # the replay awaiting its backward
         self.input = sample.detach().clone()
         enabled, dtype = _autocast_state()
         # Autocast's cache of cast weights would leak eager tensors into the graph (PyTorch's
         # make_graphed_callables refuses it for this reason); casts are recorded in the graph.
-        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+        # The warm-up and captures use leaf aliases of the parameters, whose AccumulateGrad nodes
+        # are made on the capture's stream (DDP holds the parameters' own, on the default one).
+        # Errors are thread-local: other threads' CUDA calls (NCCL's watchdog polling its
+        # events) do not break the capture.
+        with (
+            torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False),
+            _leaf_aliases(module, params) as self.params,
+        ):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -64,10 +106,11 @@ class _Capture:
                     self._gradients(outputs, [torch.ones_like(o) for o in outputs])
                 del outputs  # and with them the warm-up's activations
             torch.cuda.current_stream().wait_stream(side)
-            # Captured on the warm-up stream, as make_graphed_callables does: the parameters'
-            # AccumulateGrad nodes, made in the warm-up, then match the capture's stream.
+            # Captured on the warm-up stream, as make_graphed_callables does.
             self.forward_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.forward_graph, stream=side):
+            with torch.cuda.graph(
+                self.forward_graph, stream=side, capture_error_mode="thread_local"
+            ):
                 outputs, self.spec = tree_flatten(run(self.input))
             self.outputs = tuple(outputs)
             self.backward_graph = None
@@ -75,7 +118,10 @@ class _Capture:
                 self.output_grads = tuple(torch.empty_like(o) for o in outputs)
                 self.backward_graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(
-                    self.backward_graph, pool=self.forward_graph.pool(), stream=side
+                    self.backward_graph,
+                    pool=self.forward_graph.pool(),
+                    stream=side,
+                    capture_error_mode="thread_local",
                 ):
                     grads = self._gradients(self.outputs, self.output_grads)
                     # Packed by dtype inside the graph: a replay hands out one copy per dtype.
@@ -88,8 +134,7 @@ class _Capture:
                         )
                         for dtype in {g.dtype for g in grads if g is not None}
                     }
-                # Drop the captured autograd graph: replays build their own, and its nodes
-                # (made on the capture stream) would otherwise serve the replays' gradients.
+                # Drop the captured autograd graph: replays build their own.
                 self.outputs = tuple(o.detach() for o in self.outputs)
 
     def _gradients(self, outputs, output_grads) -> Tuple[Tensor | None, ...]:
@@ -217,7 +262,7 @@ class CudaGraphs:
             if len(self._captures) >= self.max_graphs:
                 self._warn_full(x)
                 return run(x)
-            capture = self._capture(run, params, x, key)
+            capture = self._capture(module, run, params, x, key)
         if capture.pending is not None and capture.pending() is not None:
             self._warn_pending()
             return run(x)
@@ -225,10 +270,10 @@ class CudaGraphs:
             return tree_unflatten([o.clone() for o in capture.forward(x)], capture.spec)
         return tree_unflatten(list(_Replay.apply(capture, x, *params)), capture.spec)
 
-    def _capture(self, run, params, x: Tensor, key: tuple) -> _Capture:
+    def _capture(self, module: nn.Module, run, params, x: Tensor, key: tuple) -> _Capture:
         started = time.perf_counter()
         with torch.cuda.device(x.device):
-            capture = _Capture(run, params, x)
+            capture = _Capture(module, run, params, x)
         self._captures[key] = capture
         logger.info(
             "CUDA graph %d/%d of the %s captured in %.1f s: input %s %s, %s%s",
