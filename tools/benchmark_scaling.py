@@ -445,6 +445,11 @@ def main() -> None:
             result["data_time_max_over_ranks"] = [
                 round(rows[i]["data_time"], 4) for i in sorted(rows) if "data_time" in rows[i]
             ]
+            # Detectron2's 20-iteration medians of the step: a warm-up longer on N GPUs than on
+            # one shows as a drift here (docs/distributed.md, the seventh round's second run).
+            result["step_medians_s"] = {
+                i: round(rows[i]["time"], 4) for i in sorted(rows) if "time" in rows[i]
+            }
             result["peak_mem_mib"] = {g: m for g, m in result["peak_mem_mib"].items() if g < n}
             scaling[n] = result
         base = scaling.get(1, {}).get("s_per_it")
@@ -568,14 +573,17 @@ def markdown(summary: Dict[str, Any]) -> str:
     ]
     if "scaling" in parts:
         lines += [
-            "| GPUs | status | s/it | images/s | efficiency | peak MiB per GPU (nvidia-smi) |"
+            "| GPUs | status | s/it | images/s | efficiency | peak MiB per GPU (nvidia-smi) "
+            "| step medians by metrics row (s) | data_time, max over ranks (s) |"
         ]
-        lines += ["|---|---|---|---|---|---|"]
+        lines += ["|---|---|---|---|---|---|---|---|"]
         for n, r in parts["scaling"].items():
             peaks = ", ".join(f"{v}" for _, v in sorted(r.get("peak_mem_mib", {}).items()))
+            medians = ", ".join(f"{i}: {t}" for i, t in r.get("step_medians_s", {}).items())
+            waits = ", ".join(f"{t}" for t in r.get("data_time_max_over_ranks", []))
             lines.append(
                 f"| {n} | {r['status']} | {r.get('s_per_it')} | {r.get('images_per_s')} | "
-                f"{r.get('efficiency')} | {peaks} |"
+                f"{r.get('efficiency')} | {peaks} | {medians} | {waits} |"
             )
         lines.append("")
     for name in ("machines", "resume"):

@@ -89,7 +89,14 @@ def test_markdown_shows_every_part(tool):
         "wall_s": 400.0,
         "parts": {
             "scaling": {
-                1: {"status": "ok", "s_per_it": 0.3, "images_per_s": 13.3, "efficiency": 1.0},
+                1: {
+                    "status": "ok",
+                    "s_per_it": 0.3,
+                    "images_per_s": 13.3,
+                    "efficiency": 1.0,
+                    "step_medians_s": {19: 0.31, 39: 0.29},
+                    "data_time_max_over_ranks": [0.004, 0.012],
+                },
                 4: {"status": "failed", "peak_mem_mib": {0: 30000, 1: 31000}},
             },
             "machines": {"status": "ok", "losses_vs_one_machine": losses},
@@ -104,7 +111,7 @@ def test_markdown_shows_every_part(tool):
         },
     }
     text = tool.markdown(summary)
-    assert "| 1 | ok | 0.3 | 13.3 | 1.0 |" in text
-    assert "| 4 | failed | None | None | None | 30000, 31000 |" in text
+    assert "| 1 | ok | 0.3 | 13.3 | 1.0 |  | 19: 0.31, 39: 0.29 | 0.004, 0.012 |" in text
+    assert "| 4 | failed | None | None | None | 30000, 31000 |  |  |" in text
     assert "| 19 | total_loss | 2.5 | 2.5 |" in text
     assert "**eval same_ap**: true" in text and "**resume**: timeout" in text
