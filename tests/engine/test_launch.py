@@ -10,8 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from vimdet.engine.launch import LaunchError, check_launch, check_port_free
+from vimdet.engine.launch import (
+    LaunchError,
+    check_launch,
+    check_port_free,
+    launch_training,
+    threads_per_process,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "quick_schedules" / "cascade_vim_micro_instant_test.yaml"
@@ -194,3 +201,43 @@ def test_a_killed_process_stops_its_machine_naming_its_rank(tmp_path):
     assert machine.returncode == 1, output[-3000:]
     assert f"of machine 0, pid {killed}) was killed by SIGKILL" in output, output[-3000:]
     assert waited < 15
+
+
+def report_threads(path: str) -> None:
+    """A training process's main function: its OMP_NUM_THREADS and PyTorch's intra-op threads."""
+    from detectron2.utils import comm
+
+    Path(path, f"rank{comm.get_rank()}.txt").write_text(
+        f"{os.environ.get('OMP_NUM_THREADS')} {torch.get_num_threads()}"
+    )
+
+
+@pytest.mark.parametrize(
+    "processes, cores, threads", [(4, 64, 16), (2, 2, 1), (8, 6, 1), (3, 8, 2)]
+)
+def test_threads_per_process_share_the_cores(processes, cores, threads):
+    assert threads_per_process(processes, cores) == threads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("user_threads", [None, "2"])
+def test_launched_processes_share_the_cores_unless_the_user_chose(
+    tmp_path, monkeypatch, user_threads
+):
+    if user_threads is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", user_threads)
+    launch_training(
+        report_threads,
+        2,
+        num_machines=1,
+        machine_rank=0,
+        dist_url=f"tcp://127.0.0.1:{free_port()}",
+        args=(str(tmp_path),),
+        device="cpu",
+    )
+    threads = user_threads or str(threads_per_process(2, len(os.sched_getaffinity(0))))
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [f"{threads} {threads}"] * 2
+    # Only the launched processes: the launching process's environment is as it was.
+    assert os.environ.get("OMP_NUM_THREADS") == user_threads

@@ -7,8 +7,9 @@ worker, or a wait of up to 30 minutes (the process group's timeout). ViMDet adds
 
 - :func:`check_launch`, run before any process starts: the machine rank within range, the GPU
   count, a ``--dist-url`` port that machine 0 can listen on (free, and an address of its own);
-- :func:`launch_training`: Detectron2's ``launch`` with a failed process reported by its global
-  rank (the others of that machine are stopped at once by ``torch.multiprocessing``);
+- :func:`launch_training`: Detectron2's ``launch`` with the machine's cores shared out among its
+  processes (:func:`threads_per_process`) and a failed process reported by its global rank (the
+  others of that machine are stopped at once by ``torch.multiprocessing``);
 - :class:`RankWatchdog`: a thread per training process that meets every other process at a gloo
   ``monitored_barrier`` every few seconds. When a process dies or stops answering (on another
   machine, where nothing else would notice it before the process group's timeout), the others
@@ -23,8 +24,9 @@ import os
 import socket
 import sys
 import threading
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -41,6 +43,7 @@ __all__ = [
     "check_launch",
     "check_port_free",
     "launch_training",
+    "threads_per_process",
 ]
 
 logger = logging.getLogger(__name__)
@@ -175,6 +178,37 @@ def _failed_process(error: mp.ProcessRaisedException | mp.ProcessExitedException
     return "raised an exception (its traceback is above)"
 
 
+def threads_per_process(num_processes: int, cores: int) -> int:
+    """CPU threads for each of a machine's ``num_processes`` training processes: cores shared."""
+    return max(1, cores // num_processes)
+
+
+@contextmanager
+def _cores_shared_out(num_processes: int, cores: int) -> Iterator[None]:
+    """Set ``OMP_NUM_THREADS`` for the processes that ``launch`` spawns, unless the user has.
+
+    Left alone, every process sizes its thread pools (PyTorch's intra-op pool, OpenMP and BLAS,
+    also in its data-loading workers) to all the machine's cores, so N processes run N times as
+    many threads as there are cores and slow each other's host work (kernel launches, the eager
+    heads). ``torchrun`` sets ``OMP_NUM_THREADS=1`` for the same reason; ViMDet shares the cores
+    out instead, so that CPU work in a process (evaluation, a CPU run) keeps its share.
+    """
+    if num_processes == 1 or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    threads = threads_per_process(num_processes, cores)
+    print(
+        f"ViMDet: {num_processes} training processes share this machine's {cores} cores: "
+        f"OMP_NUM_THREADS={threads} for each (set OMP_NUM_THREADS to choose otherwise)",
+        flush=True,
+    )
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
+
+
 def launch_training(
     main_func: Callable[..., Any],
     num_processes: int,
@@ -187,7 +221,8 @@ def launch_training(
 ) -> None:
     """Check the set-up, then run ``main_func(*args)`` in every process of this machine.
 
-    Raises :class:`LaunchError` before starting anything for a set-up that cannot work, and
+    Several processes share the machine's cores (``OMP_NUM_THREADS``, unless set). Raises
+    :class:`LaunchError` before starting anything for a set-up that cannot work, and
     ``SystemExit(1)`` with a message naming the global rank when a training process fails
     (``torch.multiprocessing`` has stopped the other processes of this machine by then).
     """
@@ -202,15 +237,16 @@ def launch_training(
         cores or 1,
     )
     try:
-        launch(
-            main_func,
-            num_processes,
-            num_machines=num_machines,
-            machine_rank=machine_rank,
-            dist_url=dist_url,
-            args=tuple(args),
-            timeout=timeout,
-        )
+        with _cores_shared_out(num_processes, cores or 1):
+            launch(
+                main_func,
+                num_processes,
+                num_machines=num_machines,
+                machine_rank=machine_rank,
+                dist_url=dist_url,
+                args=tuple(args),
+                timeout=timeout,
+            )
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
         rank = machine_rank * num_processes + error.error_index
         print(error, file=sys.stderr)
