@@ -22,8 +22,10 @@ Every part runs ``tools/train_net.py`` as a user would, in processes of its own:
 A part that fails or passes its time limit is recorded as such and the others still run; parts
 that would start after ``--deadline`` seconds are skipped. NVLink multicast stays off in every
 process (NCCL_NVLS_ENABLE=0 and its PyTorch and NVSHMEM equivalents). OUT receives summary.json,
-summary.md and logs.tar.gz (every part's console, log.txt and metrics.json); checkpoints stay in
-``--workdir``.
+summary.md, scaling.png (images per second against GPUs beside the linear ideal, and the step
+medians per metrics row) and logs.tar.gz (every part's console, log.txt and metrics.json);
+checkpoints stay in ``--workdir``. ``--replot SUMMARY.json`` draws scaling.png again from a saved
+summary, with ``--title`` naming the host.
 """
 
 from __future__ import annotations
@@ -303,6 +305,8 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=420.0, help="no part starts after it")
     parser.add_argument("--parts", default="scaling,machines,eval,resume,cpu-eval")
     parser.add_argument("--cpu-smoke", action="store_true", help="CPU processes over gloo")
+    parser.add_argument("--replot", type=Path, help="only draw OUT/scaling.png from this summary")
+    parser.add_argument("--title", default=None, help="the plot's title (e.g. the host)")
     parser.add_argument(
         "--opts",
         nargs=argparse.REMAINDER,
@@ -310,6 +314,10 @@ def main() -> None:
         help="config KEY VALUE pairs added to every training run (e.g. a variant to compare)",
     )
     args = parser.parse_args()
+    if args.replot:
+        args.output.mkdir(parents=True, exist_ok=True)
+        plot(json.loads(args.replot.read_text()), args.output / "scaling.png", args.title)
+        return
     smoke = args.cpu_smoke
     args.gpus = args.gpus or ("1,2" if smoke else "1,2,4")
     args.ims_per_gpu = args.ims_per_gpu or (1 if smoke else 4)
@@ -559,7 +567,48 @@ def main() -> None:
                 if (folder / name).exists():
                     tar.add(folder / name, arcname=f"{folder.name}/{name}")
     (args.output / "summary.md").write_text(markdown(summary))
+    if summary["parts"].get("scaling"):
+        plot(summary, args.output / "scaling.png", args.title)
     print((args.output / "summary.md").read_text())
+
+
+def plot(summary: Dict[str, Any], path: Path, title: str | None = None) -> None:
+    """Images per second against GPUs beside the linear ideal; the step medians per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {int(n): r for n, r in summary["parts"]["scaling"].items() if r.get("images_per_s")}
+    figure, (throughput, steps) = plt.subplots(1, 2, figsize=(11, 4))
+    gpus = sorted(runs)
+    if 1 in runs:
+        throughput.plot(
+            gpus, [n * runs[1]["images_per_s"] for n in gpus], "--", color="gray", label="linear"
+        )
+    throughput.plot(gpus, [runs[n]["images_per_s"] for n in gpus], marker="o", label="measured")
+    for n in gpus:
+        if runs[n].get("efficiency") is not None:
+            throughput.annotate(
+                f"{runs[n]['efficiency']:.1%}",
+                (n, runs[n]["images_per_s"]),
+                textcoords="offset points",
+                xytext=(6, -12),
+            )
+    throughput.set(xlabel="GPUs", ylabel="training images / s", xticks=gpus)
+    for n in gpus:
+        medians = {int(i): t for i, t in runs[n].get("step_medians_s", {}).items()}
+        rows = sorted(medians)
+        steps.plot(rows, [medians[i] for i in rows], marker=".", label=f"{n} GPU" + "s" * (n > 1))
+    steps.axvspan(*summary["timed_rows"], color="gray", alpha=0.1, label="timed")
+    steps.set(xlabel="iteration (metrics row)", ylabel="step, 20-iteration median (s)")
+    for axis in (throughput, steps):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(title or f"{summary['config']}, {summary['ims_per_gpu']} images per GPU")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def markdown(summary: Dict[str, Any]) -> str:

@@ -115,3 +115,31 @@ def test_markdown_shows_every_part(tool):
     assert "| 4 | failed | None | None | None | 30000, 31000 |  |  |" in text
     assert "| 19 | total_loss | 2.5 | 2.5 |" in text
     assert "**eval same_ap**: true" in text and "**resume**: timeout" in text
+
+
+def test_replot_draws_the_saved_summary(tool, tmp_path, monkeypatch):
+    summary = {
+        "config": "configs/shapes/cascade_vim_t_shapes_gpu.yaml",
+        "ims_per_gpu": 4,
+        "timed_rows": [99, 279],
+        "parts": {
+            "scaling": {  # JSON keys: strings
+                "1": {"images_per_s": 18.0, "efficiency": 1.0, "step_medians_s": {"19": 0.22}},
+                "4": {"images_per_s": 65.8, "efficiency": 0.914, "step_medians_s": {"19": 0.24}},
+                "2": {"status": "failed"},  # no figures: left out of the plot
+            }
+        },
+    }
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "out"
+    argv = [
+        "benchmark_scaling.py",
+        "--output",
+        str(out),
+        "--replot",
+        str(tmp_path / "summary.json"),
+    ]
+    monkeypatch.setattr("sys.argv", argv)
+    tool.main()
+    assert (out / "scaling.png").read_bytes().startswith(b"\x89PNG")
+    assert not (out / "summary.json").exists()  # nothing run, nothing else written
