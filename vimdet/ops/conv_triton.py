@@ -25,8 +25,11 @@ except ImportError:
 
 __all__ = ["conv_both_directions_triton"]
 
-# (positions, channels) of a program's tile.
+# (positions, channels) of a program's tile, and its warps: 32 values a thread. Measured best of
+# those tried on an H100 at Vim-B's and Vim-T's widths (docs/benchmarks.md): 2 warps halved the
+# backward pass's time against 4.
 BLOCK = (32, 64)
+WARPS = 2
 
 
 def _grid(x: Tensor) -> Tuple[int, int, int]:
@@ -43,7 +46,7 @@ def _conv_op(x: Tensor, weight: Tensor, bias: Tensor, walk: List[int]) -> Tensor
             x, weight, bias, u, length, channels, x.stride(0), x.stride(1),
             weight.stride(0), weight.stride(1), bias.stride(0),
             u.stride(0), u.stride(1), u.stride(2), *walk,
-            TAPS=weight.shape[-1], BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1],
+            TAPS=weight.shape[-1], BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1], num_warps=WARPS,
         )  # fmt: skip
     return u
 
@@ -73,11 +76,12 @@ def _conv_backward_op(
             x, weight, bias, du, grads, dw_parts, dbias_parts, length, channels,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0),
             du.stride(0), du.stride(1), du.stride(2), *walk,
-            TAPS=taps, BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1],
+            TAPS=taps, BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1], num_warps=WARPS,
         )  # fmt: skip
         kernels.conv_backward_input_kernel[grid](
             grads, weight, dx, length, channels, batch, weight.stride(0), weight.stride(1),
             dx.stride(0), dx.stride(1), *walk, TAPS=taps, BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1],
+            num_warps=WARPS,
         )  # fmt: skip
     # Partial sums added in a fixed order: deterministic, no atomics.
     dweight = dw_parts.sum(0).transpose(1, 2).contiguous().to(weight.dtype)
