@@ -726,6 +726,7 @@ def scan_backward_kernel(
     SOFTPLUS: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    LOAD_STAGES: tl.constexpr,
 ):
     """Gradients of one direction of ``scan_output_kernel`` over a chunk of BLOCK_E channels.
 
@@ -734,7 +735,9 @@ def scan_backward_kernel(
     and 16), else by ``tl.sum``; dA, dD and dbias over its positions into partials
     (batch * chunks, ...): the caller adds them up in a fixed order, without atomics. dz needs
     every direction's ungated output: it is summed through ``partial`` as in the forward, and
-    the ``FINAL`` direction writes dz. Pointers are those of this direction.
+    the ``FINAL`` direction writes dz. Pointers are those of this direction. ``LOAD_STAGES``: the
+    loop's software pipelining (Triton copies the next states' A, B, C and carries in while one is
+    worked on).
     """
     chunk = tl.program_id(0)
     e_block = tl.program_id(1)
@@ -784,7 +787,7 @@ def scan_backward_kernel(
     dC_part_ptr += e_block * s_dBp_blk + b * s_dBp_b
     B_ptr += b * s_B_b
     C_ptr += b * s_C_b
-    for n in range(STATE):
+    for n in tl.range(STATE, num_stages=LOAD_STAGES):
         a = _channel_column(A_ptr, offs_e, e_ok, n, s_A_e, s_A_n)
         bn = _token_column(B_ptr, tok, rows_ok, n, s_B_n, ROW_MAJOR)
         cn = _token_column(C_ptr, tok, rows_ok, n, s_C_n, ROW_MAJOR)
