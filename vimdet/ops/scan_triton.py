@@ -56,8 +56,8 @@ BACKWARD_BLOCK = (32, 1)
 # thread leave 2 warps a scheduler, which waited on the loads of each state's A, B, C and carries
 # (ncu, H100). With 3 stages Triton copies them in two states ahead, and the kernel ran 14% faster.
 # Along column walks (masked token loads, which Triton does not copy through shared memory) the
-# whole backward pass ran 11% slower pipelined; so did the forward kernels, at about three times the
-# warps. They keep one stage.
+# whole backward pass ran 11% slower pipelined, and the forward kernels, at about three times the
+# warps, ran slower too. They keep one stage.
 BACKWARD_LOAD_STAGES = 3
 # The chaining kernel's tile: chunks scanned at once, and elements of the (N, E) slab per program.
 CARRY_CHUNKS = 32
