@@ -49,9 +49,9 @@ def norm_inputs(dim: int, tokens: int) -> List[torch.Tensor]:
 
 
 def conv_inputs(dim: int, tokens: int) -> List[torch.Tensor]:
-    """x (bf16, half of in_proj's output) and both directions' taps and biases."""
+    """x (bf16, half of in_proj's output), both directions' taps (2, E, 4) and biases (2, E)."""
     x = torch.randn(2, tokens, 4 * dim, device="cuda", dtype=torch.bfloat16)[..., : 2 * dim]
-    params = [torch.randn(2 * dim, 1, 4, device="cuda"), torch.randn(2 * dim, device="cuda")] * 2
+    params = [torch.randn(2, 2 * dim, 4, device="cuda"), torch.randn(2, 2 * dim, device="cuda")]
     return [x.detach().requires_grad_()] + [p.requires_grad_() for p in params]
 
 
@@ -64,8 +64,8 @@ def norm_step(function: Callable) -> Callable:
 
 
 def conv_step(backend: str) -> Callable:
-    def step(x, weight, bias, weight_b, bias_b):
-        return conv_both_directions(x, weight, bias, weight_b, bias_b, backend=backend).sum()
+    def step(x, weight, bias):
+        return conv_both_directions(x, weight, bias, backend=backend).sum()
 
     return step
 

@@ -177,8 +177,13 @@ def test_conv_of_both_directions_matches_conv1d(dtype, walk):
     for backend in ("triton", "chunked"):  # chunked: the F.conv1d path
         leaves = [xz.clone().requires_grad_()] + [p.clone().requires_grad_() for p in params]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            weight, bias, weight_b, bias_b = leaves[1:]
             out = conv_both_directions(
-                leaves[0][..., :1536], *leaves[1:], walk=walk, backend=backend
+                leaves[0][..., :1536],
+                torch.stack([weight[:, 0], weight_b[:, 0]]),
+                torch.stack([bias, bias_b]),
+                walk=walk,
+                backend=backend,
             )
         upstream = torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)
         results.append((out, torch.autograd.grad((out.float() * upstream).sum(), leaves)))

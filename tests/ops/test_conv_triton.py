@@ -30,6 +30,18 @@ def flip_definition(x, weight, bias, weight_b, bias_b):
     return F.silu(torch.stack([forward, backward])).transpose(2, 3)
 
 
+def both_directions(x, weight, bias, weight_b, bias_b, walk=None, backend="triton"):
+    """``conv_both_directions`` of each direction's ``nn.Conv1d`` parameters, stacked as it takes
+    them (the gradients reach the separate tensors through the stack)."""
+    return conv_both_directions(
+        x,
+        torch.stack([weight[:, 0], weight_b[:, 0]]),
+        torch.stack([bias, bias_b]),
+        walk=walk,
+        backend=backend,
+    )
+
+
 @pytest.mark.parametrize("length, channels", [(1, 3), (13, 9), (40, 20)])
 def test_triton_conv_matches_flip_definition(monkeypatch, length, channels):
     monkeypatch.setattr(conv_triton, "BLOCK", (8, 8))  # several tiles in both directions
@@ -42,10 +54,7 @@ def test_triton_conv_matches_flip_definition(monkeypatch, length, channels):
         torch.randn(channels, generator=gen),
     ]
     results = []
-    for function in (
-        lambda *args: conv_both_directions(*args, backend="triton"),
-        flip_definition,
-    ):
+    for function in (both_directions, flip_definition):
         leaves = [xz.clone().requires_grad_()] + [p.clone().requires_grad_() for p in params]
         out = function(leaves[0][..., :channels], *leaves[1:])  # x: half of in_proj's output
         upstream = torch.linspace(-1, 1, out.numel()).view_as(out)
@@ -67,7 +76,7 @@ def test_bf16_input_keeps_its_dtype_and_matches_fp32(monkeypatch):
     params = [torch.randn(*shape, generator=gen) for shape in ((12, 1, 4), (12,)) * 2]
     results = []
     for function, x_in in (
-        (lambda *args: conv_both_directions(*args, backend="triton"), x),
+        (both_directions, x),
         (flip_definition, x.float()),
     ):
         leaves = [x_in.clone().requires_grad_()] + [p.clone().requires_grad_() for p in params]
@@ -119,7 +128,7 @@ def test_column_walk_equals_conv_of_the_transposed_grid(monkeypatch, backend, he
     walk = column_major_walk(height, width)
 
     def along_columns(x, *params):
-        return conv_both_directions(*(x, *params), walk=walk, backend=backend)
+        return both_directions(x, *params, walk=walk, backend=backend)
 
     def transposed(x, *params):
         u = flip_definition(transposed_grid(x, height, width), *params)
@@ -139,6 +148,7 @@ def test_column_walk_equals_conv_of_the_transposed_grid(monkeypatch, backend, he
 
 def test_walk_that_is_not_a_permutation_is_refused():
     x = torch.randn(1, 6, 4)
-    params = [torch.randn(4, 1, 4), torch.randn(4), torch.randn(4, 1, 4), torch.randn(4)]
     with pytest.raises(ValueError, match="does not visit each of the 6 tokens once"):
-        conv_both_directions(x, *params, walk=[0, 3, 1, 1], backend="triton")
+        conv_both_directions(
+            x, torch.randn(2, 4, 4), torch.randn(2, 4), walk=[0, 3, 1, 1], backend="triton"
+        )

@@ -259,34 +259,49 @@ class BiMambaMixer(nn.Module):
         )
 
     def _scan_weights(self, suffixes: Tuple[str, str]) -> List[Tensor]:
-        """Each direction's (conv weight, conv bias, x_proj, dt_proj weight, dt_proj bias, A_log,
-        D), the directions named by ``suffixes``, in the order :meth:`_scan_inputs` takes."""
-        weights = []
+        """Both directions' parameters, those named by ``suffixes``, stacked in the order
+        :meth:`_scan_inputs` takes: conv taps (2, E, K), conv bias (2, E), x_proj (2, R + 2N, E),
+        dt_proj's weight transposed (2, R, E) and its bias (2, E), A = -exp(A_log) (2, E, N) and
+        D (2, E); fp32 where the scan takes fp32 (A, D, dt_proj's bias). Made once a call: the
+        backward pass's recomputation of the scan's inputs takes them as they are."""
+        directions = []
         for suffix in suffixes:
             conv, dt_proj = getattr(self, "conv1d" + suffix), getattr(self, "dt_proj" + suffix)
-            weights += [conv.weight, conv.bias, getattr(self, "x_proj" + suffix).weight]
-            weights += [dt_proj.weight, dt_proj.bias, getattr(self, f"A{suffix}_log")]
-            weights.append(getattr(self, "D" + suffix))
-        return weights
+            directions.append(
+                [conv.weight[:, 0], conv.bias, getattr(self, "x_proj" + suffix).weight]
+                + [dt_proj.weight, dt_proj.bias, getattr(self, f"A{suffix}_log")]
+                + [getattr(self, "D" + suffix)]
+            )
+        conv_weight, conv_bias, x_proj, dt_weight, dt_bias, a_log, skip = (
+            torch.stack(pair) for pair in zip(*directions)
+        )
+        dt_weight = dt_weight.transpose(1, 2)
+        A = -torch.exp(a_log.float())
+        return [conv_weight, conv_bias, x_proj, dt_weight, dt_bias.float(), A, skip.float()]
 
-    def _scan_inputs(self, walk: Sequence[int] | None, x: Tensor, *weights: Tensor) -> tuple:
-        """(u, delta, A, B, C, D, delta_bias) of both directions from x (B, L, E) and each
-        direction's (conv weight, conv bias, x_proj, dt_proj weight, dt_proj bias, A_log, D)."""
-        forward, backward = weights[:7], weights[7:]
+    def _scan_inputs(
+        self,
+        walk: Sequence[int] | None,
+        x: Tensor,
+        conv_weight: Tensor,
+        conv_bias: Tensor,
+        x_proj: Tensor,
+        dt_weight: Tensor,
+        dt_bias: Tensor,
+        A: Tensor,
+        skip: Tensor,
+    ) -> tuple:
+        """(u, delta, A, B, C, D, delta_bias) of both directions from x (B, L, E) and the
+        directions' stacked parameters (:meth:`_scan_weights`)."""
         # Both directions' convs + SiLU, token-major: (2, B, L, E). Each direction's projections
         # run as one batched matmul over the stacked weights; B and C are views of its output.
-        u = conv_both_directions(
-            x, *forward[:2], *backward[:2], walk=walk, backend=self.scan_backend
+        u = conv_both_directions(x, conv_weight, conv_bias, walk=walk, backend=self.scan_backend)
+        dt, b, c = torch.matmul(u, x_proj.transpose(1, 2)[:, None]).split(
+            [dt_weight.shape[1], self.d_state, self.d_state], dim=-1
         )
-        dt, b, c = torch.matmul(
-            u, torch.stack([forward[2], backward[2]]).transpose(1, 2)[:, None]
-        ).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt_weights = torch.stack([forward[3], backward[3]]).transpose(1, 2)
-        delta = torch.matmul(dt, dt_weights[:, None])  # its bias goes in as delta_bias
-        a_log = torch.stack([forward[5], backward[5]])
-        skip = torch.stack([forward[6], backward[6]]).float()
-        delta_bias = torch.stack([forward[4], backward[4]]).float()
-        return u, delta, -torch.exp(a_log.float()), b, c, skip, delta_bias
+        # delta's bias goes into the scan as delta_bias.
+        delta = torch.matmul(dt, dt_weight[:, None])
+        return u, delta, A, b, c, skip, dt_bias
 
 
 class AttentionMixer(nn.Module):

@@ -28,8 +28,6 @@ def conv_both_directions(
     x: Tensor,
     weight: Tensor,
     bias: Tensor,
-    weight_b: Tensor,
-    bias_b: Tensor,
     walk: Sequence[int] | None = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -37,41 +35,43 @@ def conv_both_directions(
 
     Args:
         x: (batch, L, E), any strides (e.g. half of ``in_proj``'s output).
-        weight, bias: the forward direction's ``nn.Conv1d`` parameters, (E, 1, K) and (E,).
-        weight_b, bias_b: the backward direction's, same shapes.
+        weight: (2, E, K), the taps of the forward direction's ``nn.Conv1d`` (its (E, 1, K) weight
+            without the middle axis), then the backward direction's.
+        bias: (2, E), the two directions' conv biases.
         walk: (start, inner, inner_stride, outer_stride), the order of the tokens along which
             both convs run (see :func:`vimdet.ops.bidirectional_selective_scan`); None: row-major.
         backend: the scan backend; ``triton`` runs the fused kernel.
 
     Returns:
-        (2, batch, L, E) indexed by token: at walk position t, direction 0 ``silu(b + sum_j
-        w[K-1-j] x[t-j])``, direction 1 ``silu(b_b + sum_j w_b[K-1-j] x[t+j])``, x zero outside
-        the sequence; x's dtype.
+        (2, batch, L, E) indexed by token: at walk position t, direction 0 ``silu(b[0] + sum_j
+        w[0, :, K-1-j] x[t-j])``, direction 1 ``silu(b[1] + sum_j w[1, :, K-1-j] x[t+j])``, x zero
+        outside the sequence; x's dtype.
     """
     length = x.shape[1]
     if walk is not None:  # the kernel indexes tokens by the walk: it must be a permutation
         walk = tuple(int(v) for v in walk)
         _check_walk(walk, length)
     if resolve_backend(backend, x.device) == "triton":
-        return conv_both_directions_triton(
-            x, torch.stack([weight[:, 0], weight_b[:, 0]]), torch.stack([bias, bias_b]), walk
-        )
+        return conv_both_directions_triton(x, weight, bias, walk)
     if walk is None:
-        return _conv_along_sequence(x, weight, bias, weight_b, bias_b)
+        return _conv_along_sequence(x, weight, bias)
     tokens = _walk_positions(walk, length, x.device)
-    u = _conv_along_sequence(x.index_select(1, tokens), weight, bias, weight_b, bias_b)
+    u = _conv_along_sequence(x.index_select(1, tokens), weight, bias)
     return torch.empty_like(u).index_copy_(2, tokens, u)
 
 
-def _conv_along_sequence(
-    x: Tensor, weight: Tensor, bias: Tensor, weight_b: Tensor, bias_b: Tensor
-) -> Tensor:
+def _conv_along_sequence(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """:func:`conv_both_directions` along x's stored order, with ``F.conv1d``."""
     channels_first = x.transpose(1, 2)  # (batch, E, L), as F.conv1d reads it
     taps = weight.shape[-1]
     # Zeros before (causal) or after (anti-causal) the sequence: L outputs each, none discarded.
-    forward = F.conv1d(F.pad(channels_first, (taps - 1, 0)), weight, bias, groups=x.shape[-1])
+    forward = F.conv1d(
+        F.pad(channels_first, (taps - 1, 0)), weight[0, :, None], bias[0], groups=x.shape[-1]
+    )
     backward = F.conv1d(
-        F.pad(channels_first, (0, taps - 1)), weight_b.flip(-1), bias_b, groups=x.shape[-1]
+        F.pad(channels_first, (0, taps - 1)),
+        weight[1, :, None].flip(-1),
+        bias[1],
+        groups=x.shape[-1],
     )
     return F.silu(torch.stack([forward, backward])).transpose(2, 3)
