@@ -68,12 +68,13 @@ def _conv_backward_op(
     # The scratch g between the two kernels is kept in x's dtype: in bf16 that halves its traffic,
     # and rounds g as du, which arrives in that dtype, is already rounded.
     grads = torch.empty((2, batch, length, channels), dtype=x.dtype, device=x.device)
-    dw_parts = torch.empty((blocks, 2, taps, channels), **f32)
-    dbias_parts = torch.empty((blocks, 2, channels), **f32)
+    # Each program's partial sums of the taps' and the bias's gradients, one tensor that one
+    # reduction adds up: (blocks, 2, taps + 1, E), the bias's row last.
+    parts = torch.empty((blocks, 2, taps + 1, channels), **f32)
     dx = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
     with device_guard(x):
         kernels.conv_backward_kernel[grid](
-            x, weight, bias, du, grads, dw_parts, dbias_parts, length, channels,
+            x, weight, bias, du, grads, parts, length, channels,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0),
             du.stride(0), du.stride(1), du.stride(2), *walk,
             TAPS=taps, BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1], num_warps=WARPS,
@@ -84,8 +85,9 @@ def _conv_backward_op(
             num_warps=WARPS,
         )  # fmt: skip
     # Partial sums added in a fixed order: deterministic, no atomics.
-    dweight = dw_parts.sum(0).transpose(1, 2).contiguous().to(weight.dtype)
-    return dx, dweight, dbias_parts.sum(0).to(bias.dtype)
+    sums = parts.sum(0)
+    dweight = sums[:, :taps].transpose(1, 2).contiguous().to(weight.dtype)
+    return dx, dweight, sums[:, taps].to(bias.dtype, copy=True)
 
 
 @_conv_backward_op.register_fake

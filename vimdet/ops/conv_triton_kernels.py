@@ -145,8 +145,7 @@ def conv_backward_kernel(
     bias_ptr,
     du_ptr,
     g_ptr,
-    dw_part_ptr,
-    dbias_part_ptr,
+    part_ptr,
     length,
     channels,
     s_x_b,
@@ -167,8 +166,8 @@ def conv_backward_kernel(
 ):
     """The gradients of the pre-activations, g = du * SiLU'(pre) (2, batch, L, E) by walk
     position in g's dtype, and each program's partial sums of the tap and bias gradients (from g
-    in fp32), (batch * L blocks, 2, TAPS, E) and (batch * L blocks, 2, E), added up by the caller
-    in a fixed order."""
+    in fp32), (batch * L blocks, 2, TAPS + 1, E): the taps' rows, then the bias's; added up by the
+    caller in a fixed order."""
     b = tl.program_id(2).to(tl.int64)
     block = b * tl.num_programs(0) + tl.program_id(0)
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -211,9 +210,8 @@ def conv_backward_kernel(
             grad.to(g_ptr.dtype.element_ty),
             mask=mask,
         )
-        tl.store(
-            dbias_part_ptr + (block * 2 + d) * channels + offs_e, tl.sum(grad, axis=0), mask=e_ok
-        )
+        part_rows = part_ptr + (block * 2 + d) * (TAPS + 1) * channels + offs_e
+        tl.store(part_rows + TAPS * channels, tl.sum(grad, axis=0), mask=e_ok)
         for j in tl.static_range(TAPS):
             # Tap K-1-j reads x at position t - j (forward) or t + j (backward).
             x_shift = _shifted(
@@ -230,9 +228,7 @@ def conv_backward_kernel(
                 s_outer,
             )
             tl.store(
-                dw_part_ptr + ((block * 2 + d) * TAPS + TAPS - 1 - j) * channels + offs_e,
-                tl.sum(grad * x_shift, axis=0),
-                mask=e_ok,
+                part_rows + (TAPS - 1 - j) * channels, tl.sum(grad * x_shift, axis=0), mask=e_ok
             )
 
 

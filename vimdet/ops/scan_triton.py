@@ -345,14 +345,14 @@ def _scan_walk_backward(
         ddelta = torch.empty((dirs, batch, length, channels), dtype=delta.dtype, device=u.device)
         dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else None
         partial = u.new_empty((batch, length, channels), dtype=torch.float32) if dirs > 1 else du
+        # The partial sums, two tensors so that each is added up by one reduction: dB and dC
+        # per E block, (dB or dC, dirs, E blocks, batch, N, padded L); dA, dD and dbias per chunk,
+        # (dirs, batch * chunks, N + 2, E), state rows, then dD's row and dbias's.
         f32 = {"dtype": torch.float32, "device": u.device}
-        dB_parts = B.new_empty((dirs, e_blocks, *B.shape[1:]), **f32)
-        dC_parts = torch.empty_like(dB_parts)
-        dA_parts = torch.empty((dirs, batch * chunks, state, channels), **f32)
-        dD_parts = torch.empty((dirs, batch * chunks, channels), **f32) if D is not None else None
-        dbias_parts = (
-            torch.empty((dirs, batch * chunks, channels), **f32) if delta_bias is not None else None
-        )
+        token_parts = torch.empty((2, dirs, e_blocks, *B.shape[1:]), **f32)
+        dB_parts, dC_parts = token_parts
+        channel_parts = torch.empty((dirs, batch * chunks, state + 2, channels), **f32)
+        dA_parts, dD_parts, dbias_parts = channel_parts.split([state, 1, 1], dim=2)
         for d in range(dirs):
             kernels.scan_backward_kernel[(chunks, e_blocks, batch)](
                 dout,
@@ -373,8 +373,8 @@ def _scan_walk_backward(
                 dB_parts[d],
                 dC_parts[d],
                 dA_parts[d],
-                dD_parts[d] if D is not None else A,
-                dbias_parts[d] if delta_bias is not None else A,
+                dD_parts[d],
+                dbias_parts[d],
                 length,
                 channels,
                 *_walk_args(walk),
@@ -390,7 +390,7 @@ def _scan_walk_backward(
                 *ddelta[d].stride(),
                 *_strides(dz, 3),
                 *dB_parts[d].stride()[:3],
-                dA_parts[d].stride(0),
+                channel_parts.stride(1),
                 channels,
                 REVERSE=d == 1,
                 NUM_DIRS=dirs,
@@ -408,11 +408,17 @@ def _scan_walk_backward(
                 num_warps=warps,
             )
     # 3. The partial sums, added in a fixed order (deterministic; no atomics).
-    dB = _token_major(dB_parts.sum(1), length, B_tokens.dtype)
-    dC = _token_major(dC_parts.sum(1), length, C_tokens.dtype)
-    dA = dA_parts.sum(1).transpose(1, 2).contiguous().to(A.dtype)
-    dD = dD_parts.sum(1).to(D.dtype) if D is not None else None
-    dbias = dbias_parts.sum(1).to(delta_bias.dtype) if delta_bias is not None else None
+    dB_sums, dC_sums = token_parts.sum(2)
+    dB = _token_major(dB_sums, length, B_tokens.dtype)
+    dC = _token_major(dC_sums, length, C_tokens.dtype)
+    channel_sums = channel_parts.sum(1)
+    dA = channel_sums[:, :state].transpose(1, 2).contiguous().to(A.dtype)
+    dD = channel_sums[:, state].to(D.dtype, copy=True) if D is not None else None
+    dbias = (
+        channel_sums[:, state + 1].to(delta_bias.dtype, copy=True)
+        if delta_bias is not None
+        else None
+    )
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 

@@ -731,9 +731,10 @@ def scan_backward_kernel(
     """Gradients of one direction of ``scan_output_kernel`` over a chunk of BLOCK_E channels.
 
     du and ddelta are written whole. dB and dC are summed over this program's channels into
-    partials (E blocks, batch, L, N), by a butterfly where BLOCK_E = 2 BLOCK_L (the GPU's 32
-    and 16), else by ``tl.sum``; dA, dD and dbias over its positions into partials
-    (batch * chunks, ...): the caller adds them up in a fixed order, without atomics. dz needs
+    partials (E blocks, batch, N, L), by a butterfly where BLOCK_E = 2 BLOCK_L (the GPU's 32
+    and 16), else by ``tl.sum``; dA, dD and dbias over its positions into partials, rows of
+    (batch * chunks, ...) that are ``s_dAp_row`` apart (the caller keeps all three in one
+    tensor): the caller adds them up in a fixed order, without atomics. dz needs
     every direction's ungated output: it is summed through ``partial`` as in the forward, and
     the ``FINAL`` direction writes dz. Pointers are those of this direction. ``LOAD_STAGES``: the
     loop's software pipelining (Triton copies the next states' A, B, C and carries in while one is
@@ -834,7 +835,7 @@ def scan_backward_kernel(
     du = d_dtu * dt
     if HAS_D:
         du += dy * skip[None, :]
-        tl.store(dD_part_ptr + part_row * channels + offs_e, tl.sum(dy * u, axis=0), mask=e_ok)
+        tl.store(dD_part_ptr + part_row * s_dAp_row + offs_e, tl.sum(dy * u, axis=0), mask=e_ok)
     d_pre = d_dt + d_dtu * u
     if SOFTPLUS:
         _, pre = _load_dt(
@@ -843,7 +844,7 @@ def scan_backward_kernel(
         d_pre = d_pre * _sigmoid(pre)
     d_pre = tl.where(mask, d_pre, 0.0)
     if HAS_BIAS:
-        tl.store(dbias_part_ptr + part_row * channels + offs_e, tl.sum(d_pre, axis=0), mask=e_ok)
+        tl.store(dbias_part_ptr + part_row * s_dAp_row + offs_e, tl.sum(d_pre, axis=0), mask=e_ok)
     tl.store(
         du_ptr + b * s_du_b + tok[:, None] * s_du_l + offs_e[None, :] * s_du_e,
         du.to(du_ptr.dtype.element_ty),
