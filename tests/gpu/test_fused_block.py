@@ -3,6 +3,8 @@ against the reference trunk (PyTorch ops, the chunked scan) at real widths: outp
 gradient in fp32 and bf16, an odd grid, batch 2, drop path in training and evaluation; and
 torch.compile of a block over two token counts without graph breaks. Skipped without CUDA."""
 
+import copy
+
 import pytest
 import torch
 
@@ -154,3 +156,23 @@ def test_recomputed_scan_inputs_give_the_same_gradients_with_less_memory():
         assert relative_error(recomputed, kept) < 1e-2
     scan_inputs_bytes = 2 * (2 * 2 * 52 * 84 * 1536 * 2)  # u and delta of one block, bf16
     assert peaks[0] < peaks[1] - 2 * scan_inputs_bytes, [p / 2**20 for p in peaks]
+
+
+def test_padded_rank_on_the_gpu_equals_the_cpus_unpadded_one():
+    # On the GPU the mixer pads Vim-T's dt rank (12) to 16 with zeros, so that cuBLAS gets
+    # 16-byte aligned rows; on the CPU it does not pad. The same block in fp32 on both ("auto":
+    # the fused path on the GPU, the reference on the CPU): the same output and every parameter's
+    # gradient (x_proj's and dt_proj's included), up to summation order.
+    torch.manual_seed(0)
+    block = VimBlock(192, scan_backend="auto")
+    assert block.mixer.dt_rank == 12
+    hidden = torch.randn(2, 9 * 11, 192)
+    results = []
+    for device in ("cuda", "cpu"):
+        moved = copy.deepcopy(block).to(device)
+        out, residual = moved(hidden.to(device), None)
+        loss = (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum()
+        names, params = zip(*moved.named_parameters())
+        results.append((out, *torch.autograd.grad(loss + residual.sum(), params)))
+    for name, actual, expected in zip(("output", *names), *results):
+        assert relative_error(actual.cpu(), expected) < 1e-3, name

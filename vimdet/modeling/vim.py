@@ -197,6 +197,11 @@ class BiMambaMixer(nn.Module):
         self.d_state = d_state
         self.d_inner = expand * dim
         self.dt_rank = dt_rank or math.ceil(dim / 16)
+        # The rank as the thin projections run it on the GPU: a multiple of 8, so that their bf16
+        # operands' rows are 16-byte aligned. At Vim-T's rank 12, cuBLAS otherwise falls back to
+        # kernels for 4-byte alignment, which took 10% of a training step (H100). The padding's
+        # weights are zeros; on the CPU, where alignment costs nothing, the rank is not padded.
+        self._gpu_rank = -(-self.dt_rank // 8) * 8
         self.scan_backend = scan_backend
         direction = dict(
             inner=self.d_inner,
@@ -260,10 +265,12 @@ class BiMambaMixer(nn.Module):
 
     def _scan_weights(self, suffixes: Tuple[str, str]) -> List[Tensor]:
         """Both directions' parameters, those named by ``suffixes``, stacked in the order
-        :meth:`_scan_inputs` takes: conv taps (2, E, K), conv bias (2, E), x_proj (2, R + 2N, E),
-        dt_proj's weight transposed (2, R, E) and its bias (2, E), A = -exp(A_log) (2, E, N) and
-        D (2, E); fp32 where the scan takes fp32 (A, D, dt_proj's bias). Made once a call: the
-        backward pass's recomputation of the scan's inputs takes them as they are."""
+        :meth:`_scan_inputs` takes: conv taps (2, E, K), conv bias (2, E), x_proj (2, R' + 2N, E),
+        dt_proj's weight transposed (2, R', E) and its bias (2, E), A = -exp(A_log) (2, E, N) and
+        D (2, E); fp32 where the scan takes fp32 (A, D, dt_proj's bias). R' is the rank, on the GPU
+        padded with zeros to a multiple of 8 (x_proj's rows R..R'-1, dt_proj's columns). Made
+        once a call: the backward pass's recomputation of the scan's inputs takes them as they
+        are."""
         directions = []
         for suffix in suffixes:
             conv, dt_proj = getattr(self, "conv1d" + suffix), getattr(self, "dt_proj" + suffix)
@@ -276,6 +283,12 @@ class BiMambaMixer(nn.Module):
             torch.stack(pair) for pair in zip(*directions)
         )
         dt_weight = dt_weight.transpose(1, 2)
+        padding = self._gpu_rank - self.dt_rank if x_proj.is_cuda else 0
+        if padding:
+            zeros = x_proj.new_zeros((2, padding, x_proj.shape[-1]))
+            rank = self.dt_rank
+            x_proj = torch.cat([x_proj[:, :rank], zeros, x_proj[:, rank:]], dim=1)
+            dt_weight = torch.cat([dt_weight, zeros], dim=1)
         A = -torch.exp(a_log.float())
         return [conv_weight, conv_bias, x_proj, dt_weight, dt_bias.float(), A, skip.float()]
 
