@@ -32,8 +32,11 @@ three Cascade stages) with each model's backbone in place of ViMDet's, the same 
 the training step (losses on 10 random boxes an image, bf16 autocast) per image and its peak
 memory, and inference per image.
 
-``--profile``: after each row, where the training step's time goes: the kernels with the largest
-share of three steps' GPU time (on the CPU, the ops' own CPU time), from ``torch.profiler``.
+``--profile``: after each row, where the training step's time goes: the ``--profile-rows``
+kernels with the largest share of three steps' GPU time (on the CPU, the ops' own CPU time), from
+``torch.profiler``; and how many kernels (ops) a step launches, and how much of its time goes to
+those that average under 8 µs a call (on the GPU each also costs a gap of about a microsecond,
+even replayed from a CUDA graph).
 """
 
 from __future__ import annotations
@@ -185,9 +188,13 @@ def detector_inputs(batch: int, height: int, width: int, device: str) -> list:
     return inputs
 
 
+SMALL_KERNEL_US = 8.0  # --profile: kernels averaging less than this a call count as small
+
+
 def step_profile(step, device: str, steps: int = 3, top: int = 20) -> dict:
-    """The ``top`` kernels (CPU ops on the CPU) of ``steps`` calls of ``step`` by their own time:
-    name, share of the total and calls per step; and the total in ms per step."""
+    """The ``top`` kernels (CPU ops on the CPU; 0: all) of ``steps`` calls of ``step`` by their
+    own time: name, share of the total and calls per step; the total in ms per step; launches per
+    step, and the launches and ms per step of those averaging under ``SMALL_KERNEL_US``."""
     on_gpu = device == "cuda"
     with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
@@ -202,9 +209,16 @@ def step_profile(step, device: str, steps: int = 3, top: int = 20) -> dict:
     total = sum(own_time(e) for e in events)
     kernels = [
         {"name": e.key, "share": own_time(e) / total, "calls_per_step": e.count / steps}
-        for e in events[:top]
+        for e in events[: top or None]
     ]
-    return {"ms_per_step": total / steps / 1e3, "kernels": kernels}
+    small = [e for e in events if own_time(e) / e.count < SMALL_KERNEL_US]
+    return {
+        "ms_per_step": total / steps / 1e3,
+        "kernels": kernels,
+        "launches_per_step": sum(e.count for e in events) / steps,
+        "small_launches_per_step": sum(e.count for e in small) / steps,
+        "small_ms_per_step": sum(own_time(e) for e in small) / steps / 1e3,
+    }
 
 
 def measure(
@@ -215,10 +229,10 @@ def measure(
     device: str,
     repeats: int,
     detector: bool,
-    with_profile: bool = False,
+    profile_rows: int | None = None,
 ) -> dict:
     """ms/img of inference and of a training step, the step's peak memory in GiB, and with
-    ``with_profile`` the step's kernels (:func:`step_profile`)."""
+    ``profile_rows`` not None the step's kernels, that many (:func:`step_profile`)."""
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     if detector:
         model = build_detector(name, max(height, width), device)
@@ -271,8 +285,8 @@ def measure(
         "train_ms_per_img": train_s * 1e3 / batch,
         "train_peak_gib": peak,
     }
-    if with_profile:
-        row["profile"] = step_profile(train, device)
+    if profile_rows is not None:
+        row["profile"] = step_profile(train, device, top=profile_rows)
     return row
 
 
@@ -281,7 +295,10 @@ def print_profile(row: dict, device: str) -> None:
     profiled = row["profile"]
     print(
         f"\n{row['model']} {row['size']}, batch {row['batch']}: "
-        f"{profiled['ms_per_step']:.1f} ms of {where} time a training step\n"
+        f"{profiled['ms_per_step']:.1f} ms of {where} time a training step, "
+        f"{profiled['launches_per_step']:.0f} launches; those averaging under "
+        f"{SMALL_KERNEL_US:g} µs: {profiled['small_launches_per_step']:.0f} launches, "
+        f"{profiled['small_ms_per_step']:.2f} ms\n"
     )
     print(f"| share | calls a step | {where} |\n|---|---|---|")
     for kernel in profiled["kernels"]:
@@ -334,6 +351,9 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="after each row, the training step's top kernels"
     )
+    parser.add_argument(
+        "--profile-rows", type=int, default=20, help="kernels --profile lists (0: all of them)"
+    )
     args = parser.parse_args()
 
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
@@ -354,7 +374,7 @@ def main() -> None:
                     args.device,
                     args.repeats,
                     args.detector,
-                    args.profile,
+                    args.profile_rows if args.profile else None,
                 )
             except torch.OutOfMemoryError:
                 row = {"model": model, "size": size, "batch": batch, "error": "out of memory"}

@@ -45,7 +45,7 @@ def test_tool_runs_and_writes_rows(tmp_path):
     command = [
         sys.executable, str(TOOL), "--device", "cpu", "--models", "vitdet_b_sdpa", "vim_t",
         "--sizes", "64x128", "--batch", "1", "--repeats", "1",
-        "--json", str(rows_path), "--plot", str(plot_path), "--profile",
+        "--json", str(rows_path), "--plot", str(plot_path), "--profile", "--profile-rows", "5",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -62,5 +62,8 @@ def test_tool_runs_and_writes_rows(tmp_path):
         shares = [kernel["share"] for kernel in kernels]
         assert row["profile"]["ms_per_step"] > 0 and 0 < sum(shares) <= 1 + 1e-9
         assert shares == sorted(shares, reverse=True)
-        assert all(kernel["calls_per_step"] > 0 for kernel in kernels)
+        assert all(kernel["calls_per_step"] > 0 for kernel in kernels) and len(kernels) == 5
+        profiled = row["profile"]
+        assert 0 < profiled["small_launches_per_step"] <= profiled["launches_per_step"]
+        assert 0 <= profiled["small_ms_per_step"] <= profiled["ms_per_step"]
     assert "| share | calls a step | CPU op |" in result.stdout
