@@ -201,7 +201,7 @@ class BiMambaMixer(nn.Module):
         # operands' rows are 16-byte aligned. At Vim-T's rank 12, cuBLAS otherwise falls back to
         # kernels for 4-byte alignment, which took 10% of a training step (H100). The padding's
         # weights are zeros; on the CPU, where alignment costs nothing, the rank is not padded.
-        self._gpu_rank = -(-self.dt_rank // 8) * 8
+        self._aligned_dt_rank = -(-self.dt_rank // 8) * 8
         self.scan_backend = scan_backend
         direction = dict(
             inner=self.d_inner,
@@ -283,7 +283,7 @@ class BiMambaMixer(nn.Module):
             torch.stack(pair) for pair in zip(*directions)
         )
         dt_weight = dt_weight.transpose(1, 2)
-        padding = self._gpu_rank - self.dt_rank if x_proj.is_cuda else 0
+        padding = self._aligned_dt_rank - self.dt_rank if x_proj.is_cuda else 0
         if padding:
             zeros = x_proj.new_zeros((2, padding, x_proj.shape[-1]))
             rank = self.dt_rank
