@@ -199,8 +199,8 @@ class BiMambaMixer(nn.Module):
         self.dt_rank = dt_rank or math.ceil(dim / 16)
         # The rank as the thin projections run it on the GPU: a multiple of 8, so that their bf16
         # operands' rows are 16-byte aligned. At Vim-T's rank 12, cuBLAS otherwise falls back to
-        # kernels for 4-byte alignment, which took 10% of a training step (H100). The padding's
-        # weights are zeros; on the CPU, where alignment costs nothing, the rank is not padded.
+        # kernels for 4-byte alignment, which took an eighth of a training step (H100). The
+        # padding's weights are zeros; on the CPU, where alignment costs nothing, there is none.
         self._aligned_dt_rank = -(-self.dt_rank // 8) * 8
         self.scan_backend = scan_backend
         direction = dict(
