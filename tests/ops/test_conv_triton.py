@@ -146,6 +146,22 @@ def test_column_walk_equals_conv_of_the_transposed_grid(monkeypatch, backend, he
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+def test_weights_not_stacked_are_refused(backend):
+    # The (E, 1, K) weight and (E,) bias of one nn.Conv1d, as before the directions were stacked:
+    # a clear error, not a conv of the wrong taps; the old five-argument call is a TypeError.
+    x = torch.randn(1, 6, 4)
+    weight, bias = torch.randn(4, 1, 4), torch.randn(4)
+    with pytest.raises(
+        ValueError,
+        match=r"must be both directions' taps and biases stacked, "
+        r"\(2, 4, K\) and \(2, 4\)",
+    ):
+        conv_both_directions(x, weight, bias, backend=backend)
+    with pytest.raises(TypeError, match="positional argument"):
+        conv_both_directions(x, weight, bias, weight, bias)
+
+
 def test_walk_that_is_not_a_permutation_is_refused():
     x = torch.randn(1, 6, 4)
     with pytest.raises(ValueError, match="does not visit each of the 6 tokens once"):

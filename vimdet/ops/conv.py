@@ -28,6 +28,7 @@ def conv_both_directions(
     x: Tensor,
     weight: Tensor,
     bias: Tensor,
+    *,
     walk: Sequence[int] | None = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -47,7 +48,14 @@ def conv_both_directions(
         w[0, :, K-1-j] x[t-j])``, direction 1 ``silu(b[1] + sum_j w[1, :, K-1-j] x[t+j])``, x zero
         outside the sequence; x's dtype.
     """
-    length = x.shape[1]
+    length, channels = x.shape[1], x.shape[2]
+    if weight.dim() != 3 or tuple(weight.shape[:2]) != (2, channels) or bias.shape != (2, channels):
+        raise ValueError(
+            f"conv_both_directions: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must "
+            f"be both directions' taps and biases stacked, (2, {channels}, K) and (2, {channels}) "
+            f"for x's {channels} channels: torch.stack([conv1d.weight[:, 0], "
+            f"conv1d_b.weight[:, 0]]) and torch.stack([conv1d.bias, conv1d_b.bias])"
+        )
     if walk is not None:  # the kernel indexes tokens by the walk: it must be a permutation
         walk = tuple(int(v) for v in walk)
         _check_walk(walk, length)
