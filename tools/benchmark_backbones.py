@@ -24,7 +24,8 @@ Backbone = trunk + pyramid, fed a (batch, 3, H, W) bf16-autocast tensor. Rows:
   option, from ``configs/trunk_options/`` (docs/trunk_options.md).
 
 Per model and size: inference ms/img (no grad), training step ms/img (forward + backward of a
-scalar of the pyramid's outputs) and the training step's peak memory beyond the weights. Times are
+scalar of the pyramid's outputs, the gradients set to None first, as Detectron2's trainer does with
+``optimizer.zero_grad()``) and the training step's peak memory beyond the weights. Times are
 medians over ``--repeats`` after warm-up, synchronised on the GPU.
 
 ``--detector``: the whole Cascade detector of ``configs/cascade_vim_b.yaml`` (80 classes, RPN,
@@ -261,7 +262,14 @@ def measure(
         with torch.no_grad(), autocast:
             forward()
 
+    params = [param for param in model.parameters() if param.requires_grad]
+
     def train():
+        # As Detectron2's trainer does before each step with ``optimizer.zero_grad()``, over the
+        # optimizer's list of parameters: autograd then hands each parameter its gradient instead
+        # of adding it to the last step's (a kernel a parameter).
+        for param in params:
+            param.grad = None
         with autocast:
             outputs = forward()
         loss(outputs).backward()
