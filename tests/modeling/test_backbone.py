@@ -191,6 +191,7 @@ def test_cuda_graphs_without_square_pad_are_warned_about(caplog):
         lambda m: m.double(),  # new storage under the same Parameter objects
         lambda m: m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True),
         lambda m: m.net.pos_embed.requires_grad_(False),  # freezing changes the backward
+        lambda m: setattr(m.net.layers, "0", copy.deepcopy(m.net.layers[0])),  # a new submodule
     ],
 )
 def test_cuda_graphs_are_dropped_when_the_weights_move(change):
@@ -203,6 +204,22 @@ def test_cuda_graphs_are_dropped_when_the_weights_move(change):
     change(model)
     graphs.forget_stale_captures(model)
     assert len(graphs) == 0
+
+
+def test_the_graphs_find_every_parameter_and_buffer_once():
+    # The walk that replaces module.parameters() and module.buffers() at every call: same tensors,
+    # tied parameters and shared submodules once.
+    from vimdet.modeling.cuda_graphs import _parameters_and_buffers
+
+    model = build_backbone(tiny_cfg())
+    model.net.register_buffer("scale", torch.ones(3))
+    model.extra = model.net.layers[1]  # a submodule reached twice
+    model.net.layers[2].norm.weight = model.net.layers[3].norm.weight  # a tied parameter
+    params, buffers = _parameters_and_buffers(model)
+    assert len(params) == len({id(p) for p in params})
+    assert {id(p) for p in params} == {id(p) for p in model.parameters()}
+    assert [id(b) for b in buffers] == [id(b) for b in model.buffers()]
+    assert [id(p) for p in params] == [id(p) for p in _parameters_and_buffers(model)[0]]
 
 
 def test_channel_layer_norm_equals_detectron2s():
