@@ -275,7 +275,7 @@ class BiMambaMixer(nn.Module):
         for suffix in suffixes:
             conv, dt_proj = getattr(self, "conv1d" + suffix), getattr(self, "dt_proj" + suffix)
             directions.append(
-                [conv.weight[:, 0], conv.bias, getattr(self, "x_proj" + suffix).weight]
+                [conv.weight.squeeze(1), conv.bias, getattr(self, "x_proj" + suffix).weight]
                 + [dt_proj.weight, dt_proj.bias, getattr(self, f"A{suffix}_log")]
                 + [getattr(self, "D" + suffix)]
             )
@@ -306,15 +306,18 @@ class BiMambaMixer(nn.Module):
     ) -> tuple:
         """(u, delta, A, B, C, D, delta_bias) of both directions from x (B, L, E) and the
         directions' stacked parameters (:meth:`_scan_weights`)."""
-        # Both directions' convs + SiLU, token-major: (2, B, L, E). Each direction's projections
-        # run as one batched matmul over the stacked weights; B and C are views of its output.
+        # Both directions' convs + SiLU, token-major: (2, B, L, E). Each projection runs as one
+        # matmul a direction over all B * L tokens, batched over the two directions' stacked
+        # weights; dt, B and C are views of x_proj's output.
         u = conv_both_directions(x, conv_weight, conv_bias, walk=walk, backend=self.scan_backend)
-        dt, b, c = torch.matmul(u, x_proj.transpose(1, 2)[:, None]).split(
+        tokens = u.flatten(1, 2)
+        dt, b, c = torch.bmm(tokens, x_proj.transpose(1, 2)).split(
             [dt_weight.shape[1], self.d_state, self.d_state], dim=-1
         )
         # delta's bias goes into the scan as delta_bias.
-        delta = torch.matmul(dt, dt_weight[:, None])
-        return u, delta, A, b, c, skip, dt_bias
+        delta = torch.bmm(dt, dt_weight).view(u.shape)
+        grid = u.shape[1:3]
+        return u, delta, A, b.unflatten(1, grid), c.unflatten(1, grid), skip, dt_bias
 
 
 class AttentionMixer(nn.Module):
