@@ -316,8 +316,9 @@ class BiMambaMixer(nn.Module):
         )
         # delta's bias goes into the scan as delta_bias.
         delta = torch.bmm(dt, dt_weight).view(u.shape)
-        grid = u.shape[1:3]
-        return u, delta, A, b.unflatten(1, grid), c.unflatten(1, grid), skip, dt_bias
+        batch_and_length = u.shape[1:3]
+        b, c = b.unflatten(1, batch_and_length), c.unflatten(1, batch_and_length)
+        return u, delta, A, b, c, skip, dt_bias
 
 
 class AttentionMixer(nn.Module):
