@@ -53,8 +53,8 @@ def conv_both_directions(
         raise ValueError(
             f"conv_both_directions: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must "
             f"be both directions' taps and biases stacked, (2, {channels}, K) and (2, {channels}) "
-            f"for x's {channels} channels: torch.stack([conv1d.weight[:, 0], "
-            f"conv1d_b.weight[:, 0]]) and torch.stack([conv1d.bias, conv1d_b.bias])"
+            f"for x's {channels} channels: torch.stack([conv1d.weight.squeeze(1), "
+            f"conv1d_b.weight.squeeze(1)]) and torch.stack([conv1d.bias, conv1d_b.bias])"
         )
     if walk is not None:  # the kernel indexes tokens by the walk: it must be a permutation
         walk = tuple(int(v) for v in walk)
