@@ -35,6 +35,7 @@ except ImportError:
 
 __all__ = [
     "TRITON_HINT",
+    "channel_sums",
     "column_major_walk",
     "interpreting",
     "row_major_walk",
@@ -62,6 +63,10 @@ BACKWARD_LOAD_STAGES = 3
 # The chaining kernel's tile: chunks scanned at once, and elements of the (N, E) slab per program.
 CARRY_CHUNKS = 32
 CARRY_BLOCK = 64
+# Tokens per program of the layout kernels (B and C to state-major, dB and dC back), and the
+# (rows, elements) tile of the channel sums' kernel.
+LAYOUT_BLOCK_T = 64
+CHANNEL_SUMS_BLOCK = (32, 128)
 
 
 TRITON_HINT = (
@@ -113,11 +118,28 @@ def _is_row_major(walk: Sequence[int], length: int) -> bool:
     return list(_walk_args(walk)) == row_major_walk(length)
 
 
-def _state_major(x: Tensor) -> Tensor:
-    """B or C, (dirs, batch, L, N), as a contiguous (dirs, batch, N, chunks * CHUNK) copy with zeros
-    past L: the kernels then read each state's run of tokens as vectors."""
-    padding = _num_chunks(x.shape[2]) * CHUNK - x.shape[2]
-    return torch.nn.functional.pad(x.transpose(2, 3), (0, padding)).contiguous()
+def _state_major(B: Tensor, C: Tensor) -> Tuple[Tensor, Tensor]:
+    """B and C, (dirs, batch, L, N), as (dirs, batch, N, chunks * CHUNK) views of one contiguous
+    copy, zeros past L (``state_major_kernel``): the kernels then read each state's run of tokens
+    as vectors."""
+    dirs, batch, length, state = B.shape
+    padded = _num_chunks(length) * CHUNK
+    out = B.new_empty((2, dirs, batch, state, padded), dtype=torch.promote_types(B.dtype, C.dtype))
+    grid = (triton.cdiv(padded, LAYOUT_BLOCK_T), dirs * batch, 2)
+    kernels.state_major_kernel[grid](
+        B,
+        C,
+        out,
+        length,
+        padded,
+        *B.stride(),
+        *C.stride(),
+        batch,
+        STATE=state,
+        BLOCK_N=triton.next_power_of_2(state),
+        BLOCK_T=LAYOUT_BLOCK_T,
+    )
+    return out[0], out[1]
 
 
 def _unit_channel_stride(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -126,11 +148,55 @@ def _unit_channel_stride(x: Optional[Tensor]) -> Optional[Tensor]:
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
-def _token_major(x: Tensor, length: int, dtype: torch.dtype) -> Tensor:
-    """The inverse of ``_state_major`` for (dirs, batch, N, padded L) gradients: a contiguous
-    (dirs, batch, L, N) tensor, as the op's fake implementation promises."""
-    out = x.new_empty((*x.shape[:2], length, x.shape[2]), dtype=dtype)
-    return out.copy_(x[..., :length].transpose(2, 3))
+def _token_major_sums(parts: Tensor, length: int, dtypes: Sequence[torch.dtype]) -> List[Tensor]:
+    """dB and dC, contiguous (dirs, batch, L, N) in ``dtypes``, from the backward kernel's
+    (2, dirs, E blocks, batch, N, padded L) partials, summed over E blocks in one launch
+    (``token_major_sums_kernel``); the layout the op's fake implementation promises."""
+    _, dirs, e_blocks, batch, state, padded = parts.shape
+    sums = [parts.new_empty((dirs, batch, length, state), dtype=dtype) for dtype in dtypes]
+    grid = (triton.cdiv(length, LAYOUT_BLOCK_T), dirs * batch, 2)
+    kernels.token_major_sums_kernel[grid](
+        parts,
+        *sums,
+        length,
+        padded,
+        e_blocks,
+        batch,
+        STATE=state,
+        BLOCK_N=triton.next_power_of_2(state),
+        BLOCK_T=LAYOUT_BLOCK_T,
+    )
+    return sums
+
+
+def channel_sums(
+    parts: Tensor, slots: Tensor, first: Optional[Tensor] = None, second: Optional[Tensor] = None
+) -> None:
+    """Adds up per-program partial sums of per-channel gradients in one launch
+    (``channel_sums_kernel``): ``parts`` (dirs, rows, vectors, E) fp32, its last two dims
+    contiguous; its first S vectors into ``slots`` (dirs, E, S), the next ones into ``first`` and
+    ``second`` (dirs, E) contiguous, written in place in their own dtypes."""
+    dirs, rows, vectors, channels = parts.shape
+    if parts.stride(3) != 1 or parts.stride(2) != channels:
+        raise ValueError(f"channel_sums: parts {tuple(parts.shape)} needs contiguous (vectors, E)")
+    grid = (triton.cdiv(vectors * channels, CHANNEL_SUMS_BLOCK[1]), dirs)
+    kernels.channel_sums_kernel[grid](
+        parts,
+        slots,
+        first if first is not None else slots,
+        second if second is not None else slots,
+        rows,
+        channels,
+        parts.stride(0),
+        parts.stride(1),
+        *slots.stride(),
+        SLOTS=slots.shape[-1],
+        VECTORS=vectors,
+        HAS_FIRST=first is not None,
+        HAS_SECOND=second is not None,
+        BLOCK_ROWS=CHANNEL_SUMS_BLOCK[0],
+        BLOCK=CHANNEL_SUMS_BLOCK[1],
+    )
 
 
 def device_guard(tensor: Tensor):
@@ -228,7 +294,7 @@ def _scan_walk_forward(
     row_major = _is_row_major(walk, length)
     u, delta, z = (_unit_channel_stride(t) for t in (u, delta, z))
     with device_guard(u):
-        B, C = _state_major(B), _state_major(C)
+        B, C = _state_major(B, C)
         carries = _state_carries(u, delta, A, B, delta_bias, delta_softplus, walk)
         out = u.new_empty((batch, length, channels))
         # The first direction's output waits here, in fp32, for the second one's.
@@ -299,7 +365,7 @@ def _scan_walk_backward(
     B_tokens, C_tokens = B, C
     dout, u, delta, z = (_unit_channel_stride(t) for t in (dout, u, delta, z))
     with device_guard(u):
-        B, C = _state_major(B), _state_major(C)
+        B, C = _state_major(B, C)
         carries = _state_carries(u, delta, A, B, delta_bias, delta_softplus, walk)
         # 1. The adjoint each chunk passes on when nothing enters it, chained against the walk.
         block_e, warps = FORWARD_BLOCK
@@ -407,18 +473,14 @@ def _scan_walk_backward(
                 LOAD_STAGES=BACKWARD_LOAD_STAGES if row_major else 1,
                 num_warps=warps,
             )
-    # 3. The partial sums, added in a fixed order (deterministic; no atomics).
-    dB_sums, dC_sums = token_parts.sum(2)
-    dB = _token_major(dB_sums, length, B_tokens.dtype)
-    dC = _token_major(dC_sums, length, C_tokens.dtype)
-    channel_sums = channel_parts.sum(1)
-    dA = channel_sums[:, :state].transpose(1, 2).contiguous().to(A.dtype)
-    dD = channel_sums[:, state].to(D.dtype, copy=True) if D is not None else None
-    dbias = (
-        channel_sums[:, state + 1].to(delta_bias.dtype, copy=True)
-        if delta_bias is not None
-        else None
-    )
+        # 3. The partial sums, added in a fixed order (deterministic; no atomics).
+        dB, dC = _token_major_sums(token_parts, length, (B_tokens.dtype, C_tokens.dtype))
+        dA, dD, dbias = (
+            torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else None
+            for t in (A, D, delta_bias)
+        )
+        # dD's row is always there; without D it is skipped.
+        channel_sums(channel_parts, dA, dD, dbias)
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 

@@ -17,6 +17,9 @@ batch element, for every direction, and loops over the N states. Chunks are join
    (decay, drive) pairs), summed over states and directions, the D skip and SiLU(z) gate fused in.
 4. ``chunk_adjoint_kernel`` and ``scan_backward_kernel``: the backward pass, which recomputes the
    states inside a chunk from the saved chunk carries instead of storing (B, L, E, N) states.
+5. ``state_major_kernel``, ``token_major_sums_kernel`` and ``channel_sums_kernel``: B and C into
+   the state-major layout the others read, and the backward kernels' partial sums added up (the
+   scan's, and the conv's of :mod:`vimdet.ops.conv_triton`), each in one launch.
 
 Every decay is exp2 of a non-positive exponent (A < 0, dt >= 0): nothing is divided by a cumulative
 decay. All arithmetic is fp32; tensors are read and written in their own dtypes.
@@ -26,11 +29,14 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "channel_sums_kernel",
     "chunk_adjoint_kernel",
     "chunk_carry_kernel",
     "chunk_state_kernel",
     "scan_backward_kernel",
     "scan_output_kernel",
+    "state_major_kernel",
+    "token_major_sums_kernel",
 ]
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -874,3 +880,150 @@ def scan_backward_kernel(
             )
         else:
             tl.store(partial_ptrs, y, mask=mask)
+
+
+# --- The scan's layout copies and its partial sums, one launch each ---------------------------
+
+
+@triton.jit
+def state_major_kernel(
+    B_ptr,
+    C_ptr,
+    out_ptr,
+    length,
+    padded_length,
+    s_B_dir,
+    s_B_b,
+    s_B_l,
+    s_B_n,
+    s_C_dir,
+    s_C_b,
+    s_C_l,
+    s_C_n,
+    batch,
+    STATE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """B and C, (dirs, batch, L, N) at any strides, into one contiguous (2, dirs, batch, N,
+    padded L) tensor, zeros past L (see ``_token_column``). Grid: (cdiv(padded L, BLOCK_T),
+    dirs * batch, 2), axis 2 picking B or C."""
+    t_block = tl.program_id(0)
+    row = tl.program_id(1)  # direction * batch + batch element
+    which = tl.program_id(2)
+    d = row // batch
+    b = row % batch
+    offs_t = t_block * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.arange(0, BLOCK_N)
+    n_ok = offs_n < STATE
+    load_mask = n_ok[:, None] & (offs_t < length)[None, :]
+    if which == 0:
+        src = B_ptr + d * s_B_dir + b.to(tl.int64) * s_B_b
+        ptrs = src + offs_n[:, None] * s_B_n + offs_t[None, :] * s_B_l
+    else:
+        src = C_ptr + d * s_C_dir + b.to(tl.int64) * s_C_b
+        ptrs = src + offs_n[:, None] * s_C_n + offs_t[None, :] * s_C_l
+    values = tl.load(ptrs, mask=load_mask, other=0.0)
+    slab = (which * tl.num_programs(1) + row).to(tl.int64) * STATE * padded_length
+    tl.store(
+        out_ptr + slab + offs_n[:, None] * padded_length + offs_t[None, :],
+        values,
+        mask=n_ok[:, None] & (offs_t < padded_length)[None, :],
+    )
+
+
+@triton.jit
+def token_major_sums_kernel(
+    parts_ptr,
+    dB_ptr,
+    dC_ptr,
+    length,
+    padded_length,
+    e_blocks,
+    batch,
+    STATE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """dB and dC, contiguous (dirs, batch, L, N) in their own dtype, as the sums over E blocks of
+    the backward kernel's contiguous (2, dirs, E blocks, batch, N, padded L) fp32 partials, added
+    in E block order. Grid: (cdiv(L, BLOCK_T), dirs * batch, 2), axis 2 picking dB or dC."""
+    t_block = tl.program_id(0)
+    row = tl.program_id(1)  # direction * batch + batch element
+    which = tl.program_id(2)
+    d = row // batch
+    b = row % batch
+    dirs = tl.num_programs(1) // batch
+    offs_t = t_block * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask = (offs_t < length)[:, None] & (offs_n < STATE)[None, :]
+    offsets = offs_n[None, :] * padded_length + offs_t[:, None]
+    total = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    for blk in range(e_blocks):
+        slab = (((which * dirs + d) * e_blocks + blk) * batch + b).to(tl.int64)
+        total += tl.load(parts_ptr + slab * STATE * padded_length + offsets, mask=mask, other=0.0)
+    out = (row.to(tl.int64) * length + offs_t[:, None]) * STATE + offs_n[None, :]
+    if which == 0:
+        tl.store(dB_ptr + out, total.to(dB_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(dC_ptr + out, total.to(dC_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def channel_sums_kernel(
+    parts_ptr,
+    slots_ptr,
+    first_ptr,
+    second_ptr,
+    rows,
+    channels,
+    s_p_dir,
+    s_p_row,
+    s_slots_dir,
+    s_slots_e,
+    s_slots_s,
+    SLOTS: tl.constexpr,
+    VECTORS: tl.constexpr,
+    HAS_FIRST: tl.constexpr,
+    HAS_SECOND: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Per-program partial sums of per-channel gradients added up over their rows, in a fixed
+    order: ``parts`` (dirs, rows, VECTORS, E) fp32 at strides (``s_p_dir``, ``s_p_row``, E, 1),
+    its first SLOTS vectors into ``slots`` (dirs, E, SLOTS) at any strides (dA of the scan, the
+    conv's taps), the next one or two into ``first`` and ``second`` (dirs, E) contiguous (dD and
+    dbias, the conv's bias), each in its own dtype. Grid: (cdiv(VECTORS * E, BLOCK), dirs)."""
+    pid = tl.program_id(0)
+    d = tl.program_id(1)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < VECTORS * channels
+    slab = parts_ptr + d.to(tl.int64) * s_p_dir
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, rows, BLOCK_ROWS):
+        offs_r = start + tl.arange(0, BLOCK_ROWS)
+        tile = tl.load(
+            slab + offs_r[:, None].to(tl.int64) * s_p_row + idx[None, :],
+            mask=(offs_r < rows)[:, None] & ok[None, :],
+            other=0.0,
+        )
+        total += tl.sum(tile, axis=0)
+    slot = idx // channels
+    e = idx % channels
+    tl.store(
+        slots_ptr + d * s_slots_dir + e * s_slots_e + slot * s_slots_s,
+        total.to(slots_ptr.dtype.element_ty),
+        mask=ok & (slot < SLOTS),
+    )
+    if HAS_FIRST:
+        tl.store(
+            first_ptr + d * channels + e,
+            total.to(first_ptr.dtype.element_ty),
+            mask=ok & (slot == SLOTS),
+        )
+    if HAS_SECOND:
+        tl.store(
+            second_ptr + d * channels + e,
+            total.to(second_ptr.dtype.element_ty),
+            mask=ok & (slot == SLOTS + 1),
+        )
