@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .scan_triton import device_guard, row_major_walk
+from .scan_triton import channel_sums, device_guard, row_major_walk
 
 try:
     import triton
@@ -84,10 +84,11 @@ def _conv_backward_op(
             dx.stride(0), dx.stride(1), *walk, TAPS=taps, BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1],
             num_warps=WARPS,
         )  # fmt: skip
-    # Partial sums added in a fixed order: deterministic, no atomics.
-    sums = parts.sum(0)
-    dweight = sums[:, :taps].transpose(1, 2).contiguous().to(weight.dtype)
-    return dx, dweight, sums[:, taps].to(bias.dtype, copy=True)
+        # Partial sums added in a fixed order: deterministic, no atomics.
+        dweight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        dbias = torch.empty_like(bias, memory_format=torch.contiguous_format)
+        channel_sums(parts.transpose(0, 1), dweight, dbias)
+    return dx, dweight, dbias
 
 
 @_conv_backward_op.register_fake
