@@ -268,29 +268,43 @@ class BiMambaMixer(nn.Module):
         :meth:`_scan_inputs` takes: conv taps (2, E, K), conv bias (2, E), x_proj (2, R' + 2N, E),
         dt_proj's weight transposed (2, R', E) and its bias (2, E), A = -exp(A_log) (2, E, N) and
         D (2, E); fp32 where the scan takes fp32 (A, D, dt_proj's bias). R' is the rank, on the GPU
-        padded with zeros to a multiple of 8 (x_proj's rows R..R'-1, dt_proj's columns). Made
-        once a call: the backward pass's recomputation of the scan's inputs takes them as they
-        are."""
-        directions = []
+        padded with zeros to a multiple of 8: zero rows before x_proj's and dt_proj's (so that
+        dt's first R' - R columns are zeros).
+
+        All of them are views of one concatenation of (rows, E) pieces, one launch, whose backward
+        pass splits the gradient into the parameters' (views, no copies); under autocast the two
+        projections' weights are cast once. Made once a call: the backward pass's recomputation
+        of the scan's inputs takes them as they are."""
+        weight = self.x_proj.weight
+        padding = self._aligned_dt_rank - self.dt_rank if weight.is_cuda else 0
+        zeros = [weight.new_zeros((padding, self.d_inner))] if padding else []
+        pieces = []
         for suffix in suffixes:
             conv, dt_proj = getattr(self, "conv1d" + suffix), getattr(self, "dt_proj" + suffix)
-            directions.append(
-                [conv.weight.squeeze(1), conv.bias, getattr(self, "x_proj" + suffix).weight]
-                + [dt_proj.weight, dt_proj.bias, getattr(self, f"A{suffix}_log")]
-                + [getattr(self, "D" + suffix)]
-            )
-        conv_weight, conv_bias, x_proj, dt_weight, dt_bias, a_log, skip = (
-            torch.stack(pair) for pair in zip(*directions)
+            pieces += zeros + [getattr(self, "x_proj" + suffix).weight]
+            pieces += zeros + [dt_proj.weight.t(), conv.weight.squeeze(1).t(), conv.bias[None]]
+            pieces += [dt_proj.bias[None], getattr(self, f"A{suffix}_log").t()]
+            pieces += [getattr(self, "D" + suffix)[None]]
+        rank, state, taps = self.dt_rank + padding, self.d_state, self.conv1d.weight.shape[-1]
+        projections, conv_taps, conv_bias, dt_bias, a_log, skip = (
+            torch.cat(pieces)
+            .unflatten(0, (2, -1))
+            .split([2 * rank + 2 * state, taps, 1, 1, state, 1], dim=1)
         )
-        dt_weight = dt_weight.transpose(1, 2)
-        padding = self._aligned_dt_rank - self.dt_rank if x_proj.is_cuda else 0
-        if padding:
-            zeros = x_proj.new_zeros((2, padding, x_proj.shape[-1]))
-            rank = self.dt_rank
-            x_proj = torch.cat([x_proj[:, :rank], zeros, x_proj[:, rank:]], dim=1)
-            dt_weight = torch.cat([dt_weight, zeros], dim=1)
-        A = -torch.exp(a_log.float())
-        return [conv_weight, conv_bias, x_proj, dt_weight, dt_bias.float(), A, skip.float()]
+        device_type = weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            projections = projections.to(torch.get_autocast_dtype(device_type))
+        x_proj, dt_weight = projections.split([rank + 2 * state, rank], dim=1)
+        A = -torch.exp(a_log.float().transpose(1, 2))
+        return [
+            conv_taps.transpose(1, 2),
+            conv_bias.squeeze(1),
+            x_proj,
+            dt_weight,
+            dt_bias.squeeze(1).float(),
+            A,
+            skip.squeeze(1).float(),
+        ]
 
     def _scan_inputs(
         self,

@@ -44,7 +44,7 @@ def _conv_op(x: Tensor, weight: Tensor, bias: Tensor, walk: List[int]) -> Tensor
     with device_guard(x):
         kernels.conv_forward_kernel[_grid(x)](
             x, weight, bias, u, length, channels, x.stride(0), x.stride(1),
-            weight.stride(0), weight.stride(1), bias.stride(0),
+            *weight.stride(), bias.stride(0),
             u.stride(0), u.stride(1), u.stride(2), *walk,
             TAPS=weight.shape[-1], BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1], num_warps=WARPS,
         )  # fmt: skip
@@ -75,12 +75,12 @@ def _conv_backward_op(
     with device_guard(x):
         kernels.conv_backward_kernel[grid](
             x, weight, bias, du, grads, parts, length, channels,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0),
+            x.stride(0), x.stride(1), *weight.stride(), bias.stride(0),
             du.stride(0), du.stride(1), du.stride(2), *walk,
             TAPS=taps, BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1], num_warps=WARPS,
         )  # fmt: skip
         kernels.conv_backward_input_kernel[grid](
-            grads, weight, dx, length, channels, batch, weight.stride(0), weight.stride(1),
+            grads, weight, dx, length, channels, batch, *weight.stride(),
             dx.stride(0), dx.stride(1), *walk, TAPS=taps, BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1],
             num_warps=WARPS,
         )  # fmt: skip
@@ -118,9 +118,8 @@ def conv_both_directions_triton(
     x: Tensor, weight: Tensor, bias: Tensor, walk: Optional[Sequence[int]] = None
 ) -> Tensor:
     """x (batch, L, E); weight (2, E, K) taps of both directions; bias (2, E); a checked walk
-    (None: row-major) -> u (2, batch, L, E) in x's dtype, indexed by token. x is read in place
-    when its channels are contiguous."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    (None: row-major) -> u (2, batch, L, E) in x's dtype, indexed by token. x and bias are read in
+    place when their channels are contiguous, weight at any strides."""
+    x, bias = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, bias))
     walk = [int(v) for v in walk] if walk is not None else row_major_walk(int(x.shape[1]))
-    return _conv_op(x, weight.contiguous(), bias.contiguous(), walk)
+    return _conv_op(x, weight, bias, walk)

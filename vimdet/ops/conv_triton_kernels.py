@@ -56,6 +56,7 @@ def _pre_activations(
     s_x_l,
     s_w_dir,
     s_w_e,
+    s_w_k,
     s_bias_dir,
     start,
     inner,
@@ -69,8 +70,8 @@ def _pre_activations(
     bwd = tl.load(bias_ptr + s_bias_dir + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
     for j in tl.static_range(TAPS):
         tap = TAPS - 1 - j
-        w_fwd = tl.load(w_ptr + offs_e * s_w_e + tap, mask=e_ok, other=0.0).to(tl.float32)
-        w_bwd = tl.load(w_ptr + s_w_dir + offs_e * s_w_e + tap, mask=e_ok, other=0.0)
+        w_fwd = tl.load(w_ptr + offs_e * s_w_e + tap * s_w_k, mask=e_ok, other=0.0).to(tl.float32)
+        w_bwd = tl.load(w_ptr + s_w_dir + offs_e * s_w_e + tap * s_w_k, mask=e_ok, other=0.0)
         x_back = _shifted(
             x_ptr, rows, -j, length, offs_e, e_ok, s_x_l, start, inner, s_inner, s_outer
         )
@@ -94,6 +95,7 @@ def conv_forward_kernel(
     s_x_l,
     s_w_dir,
     s_w_e,
+    s_w_k,
     s_bias_dir,
     s_u_dir,
     s_u_b,
@@ -123,6 +125,7 @@ def conv_forward_kernel(
         s_x_l,
         s_w_dir,
         s_w_e,
+        s_w_k,
         s_bias_dir,
         start,
         inner,
@@ -152,6 +155,7 @@ def conv_backward_kernel(
     s_x_l,
     s_w_dir,
     s_w_e,
+    s_w_k,
     s_bias_dir,
     s_du_dir,
     s_du_b,
@@ -185,6 +189,7 @@ def conv_backward_kernel(
         s_x_l,
         s_w_dir,
         s_w_e,
+        s_w_k,
         s_bias_dir,
         start,
         inner,
@@ -242,6 +247,7 @@ def conv_backward_input_kernel(
     batch,
     s_w_dir,
     s_w_e,
+    s_w_k,
     s_dx_b,
     s_dx_l,
     start,
@@ -263,8 +269,8 @@ def conv_backward_input_kernel(
     dx = tl.zeros((BLOCK_L, BLOCK_E), dtype=tl.float32)
     for j in tl.static_range(TAPS):
         tap = TAPS - 1 - j
-        w_fwd = tl.load(w_ptr + offs_e * s_w_e + tap, mask=e_ok, other=0.0).to(tl.float32)
-        w_bwd = tl.load(w_ptr + s_w_dir + offs_e * s_w_e + tap, mask=e_ok, other=0.0)
+        w_fwd = tl.load(w_ptr + offs_e * s_w_e + tap * s_w_k, mask=e_ok, other=0.0).to(tl.float32)
+        w_bwd = tl.load(w_ptr + s_w_dir + offs_e * s_w_e + tap * s_w_k, mask=e_ok, other=0.0)
         w_bwd = w_bwd.to(tl.float32)
         # g is stored by walk position: read it along the identity walk (0, L, 1, 0).
         dx += w_fwd[None, :] * _shifted(
