@@ -46,9 +46,8 @@ __all__ = [
 ]
 
 # Positions per chunk (one tile of BLOCK_L rows). The carries between chunks, (batch, dirs,
-# L / CHUNK, N, E) in ``_carry_dtype``, are computed in the forward pass and again in the backward
-# pass rather than kept: at 16 they would hold 4 bytes per token and channel in bf16, two bf16
-# activations.
+# L / CHUNK, N, E) fp32, are computed in the forward pass and again in the backward pass rather than
+# kept: at 16 they would hold 8 bytes per token and channel, four bf16 activations.
 CHUNK = 16
 # (channels per program, warps) of the forward kernels and of the backward kernel; measured best of
 # those tried on an H200 at Vim-B shapes (docs/benchmarks.md).
@@ -221,14 +220,14 @@ def _state_carries(
     delta_softplus: bool,
     walk: Sequence[int],
 ) -> Tensor:
-    """The state entering every chunk: (batch, dirs, chunks, N, E) in ``_carry_dtype(u)``. B is
-    state-major (``_state_major``)."""
+    """The state entering every chunk: (batch, dirs, chunks, N, E) fp32. B is state-major
+    (``_state_major``)."""
     dirs, batch, length, channels = u.shape
     state = A.shape[-1]
     chunks = _num_chunks(length)
     block_e, warps = FORWARD_BLOCK
     block_e = _block_e(channels, block_e)
-    chunk_states = u.new_empty((batch, dirs, chunks, state, channels), dtype=_carry_dtype(u))
+    chunk_states = u.new_empty((batch, dirs, chunks, state, channels), dtype=torch.float32)
     logsums = u.new_empty((batch, dirs, chunks, channels), dtype=torch.float32)
     bias = delta_bias if delta_bias is not None else A
     grid = (chunks, triton.cdiv(channels, block_e), batch)
@@ -261,16 +260,9 @@ def _state_carries(
     return _chain_chunks(chunk_states, logsums, A, adjoint=False)
 
 
-def _carry_dtype(u: Tensor) -> torch.dtype:
-    """The dtype the chunks' states and carries are stored in: bf16 for bf16 activations (as
-    Mamba-2's state passing stores them, ``out_dtype=C.dtype``), else fp32. The kernels chain and
-    scan in fp32; the backward pass's adjoints are always stored in fp32."""
-    return torch.bfloat16 if u.dtype == torch.bfloat16 else torch.float32
-
-
 def _chain_chunks(chunk_values: Tensor, logsums: Tensor, A: Tensor, adjoint: bool) -> Tensor:
-    """The value entering every chunk, in the chunk values' dtype, from each chunk's (batch,
-    dirs, chunks, N, E) value and (batch, dirs, chunks, E) summed dt (``chunk_carry_kernel``)."""
+    """The value entering every chunk, from each chunk's (batch, dirs, chunks, N, E) value and
+    (batch, dirs, chunks, E) summed dt (``chunk_carry_kernel``)."""
     batch, dirs, chunks, state, channels = chunk_values.shape
     carries = torch.empty_like(chunk_values)
     grid = (triton.cdiv(state * channels, CARRY_BLOCK), batch * dirs)
@@ -385,7 +377,7 @@ def _scan_walk_backward(
         # 1. The adjoint each chunk passes on when nothing enters it, chained against the walk.
         block_e, warps = FORWARD_BLOCK
         block_e = _block_e(channels, block_e)
-        chunk_adjoints = torch.empty_like(carries, dtype=torch.float32)
+        chunk_adjoints = torch.empty_like(carries)
         logsums = u.new_empty((batch, dirs, chunks, channels), dtype=torch.float32)
         kernels.chunk_adjoint_kernel[(chunks, triton.cdiv(channels, block_e), batch)](
             dout,

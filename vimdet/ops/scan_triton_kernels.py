@@ -22,8 +22,7 @@ batch element, for every direction, and loops over the N states. Chunks are join
    scan's, and the conv's of :mod:`vimdet.ops.conv_triton`), each in one launch.
 
 Every decay is exp2 of a non-positive exponent (A < 0, dt >= 0): nothing is divided by a cumulative
-decay. All arithmetic is fp32; tensors are read and written in their own dtypes (the chunks' states
-and carries in bf16 for bf16 activations, their adjoints in fp32).
+decay. All arithmetic is fp32; tensors are read and written in their own dtypes.
 """
 
 import triton
@@ -359,11 +358,7 @@ def chunk_state_kernel(
             a2 = _channel_column(a_ptr, offs_e, e_ok, n, s_A_e, s_A_n) * LOG2E
             bn = _token_column(b_ptr, tok, rows_ok, n, s_B_n, ROW_MAJOR)
             state = tl.sum(tl.exp2(after * a2[None, :]) * dtu * bn[:, None], axis=0)
-            tl.store(
-                state_ptr + (out_row * STATE + n) * channels + offs_e,
-                state.to(state_ptr.dtype.element_ty),
-                mask=e_ok,
-            )
+            tl.store(state_ptr + (out_row * STATE + n) * channels + offs_e, state, mask=e_ok)
         tl.store(logsum_ptr + out_row * channels + offs_e, total, mask=e_ok)
 
 
@@ -414,7 +409,7 @@ def chunk_carry_kernel(
         mask = before_ok[:, None] & ok[None, :]
         state = tl.load(
             state_ptr + slab[:, None] * STATE * channels + idx[None, :], mask=mask, other=0.0
-        ).to(tl.float32)
+        )
         logsum = tl.load(logsum_ptr + slab[:, None] * channels + e[None, :], mask=mask, other=0.0)
         cumulative, entering = tl.associative_scan(
             (tl.exp2(a2[None, :] * logsum), state), axis=0, combine_fn=_combine
@@ -423,7 +418,7 @@ def chunk_carry_kernel(
         slab = (row * n_chunks + chunk).to(tl.int64)
         tl.store(
             carry_ptr + slab[:, None] * STATE * channels + idx[None, :],
-            entering.to(carry_ptr.dtype.element_ty),
+            entering,
             mask=(step < n_chunks)[:, None] & ok[None, :],
         )
         carry = tl.sum(tl.where(rows[:, None] == CHUNK_TILE - 1, entering, 0.0), axis=0)
