@@ -295,7 +295,9 @@ class BiMambaMixer(nn.Module):
         if torch.is_autocast_enabled(device_type):
             projections = projections.to(torch.get_autocast_dtype(device_type))
         x_proj, dt_weight = projections.split([rank + 2 * state, rank], dim=1)
-        A = -torch.exp(a_log.float().transpose(1, 2))
+        # A in its own (E, N) layout: read with its channels adjacent, the scan's chunk-state and
+        # chunk-adjoint kernels ran 7 to 9% slower (H100, ViMDet-B).
+        A = -torch.exp(a_log.float().transpose(1, 2).contiguous())
         return [
             conv_taps.transpose(1, 2),
             conv_bias.squeeze(1),
