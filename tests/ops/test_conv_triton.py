@@ -42,8 +42,20 @@ def both_directions(x, weight, bias, weight_b, bias_b, walk=None, backend="trito
     )
 
 
+def both_directions_from_rows(x, weight, bias, weight_b, bias_b):
+    """``conv_both_directions`` of taps and biases read in place from one (2, K + 1, E) tensor of
+    rows, as ``BiMambaMixer._scan_weights`` passes them: taps at stride E, biases at stride 1."""
+    taps = weight.shape[-1]
+    rows = torch.cat([weight[:, 0].t(), bias[None], weight_b[:, 0].t(), bias_b[None]])
+    rows = rows.unflatten(0, (2, -1))
+    stacked_taps, stacked_bias = rows[:, :taps].transpose(1, 2), rows[:, taps]
+    assert not stacked_taps.is_contiguous() and not stacked_bias.is_contiguous()
+    return conv_both_directions(x, stacked_taps, stacked_bias, backend="triton")
+
+
+@pytest.mark.parametrize("stack", [both_directions, both_directions_from_rows])
 @pytest.mark.parametrize("length, channels", [(1, 3), (13, 9), (40, 20)])
-def test_triton_conv_matches_flip_definition(monkeypatch, length, channels):
+def test_triton_conv_matches_flip_definition(monkeypatch, length, channels, stack):
     monkeypatch.setattr(conv_triton, "BLOCK", (8, 8))  # several tiles in both directions
     gen = torch.Generator().manual_seed(length)
     xz = torch.randn(2, length, 2 * channels, generator=gen)
@@ -54,7 +66,7 @@ def test_triton_conv_matches_flip_definition(monkeypatch, length, channels):
         torch.randn(channels, generator=gen),
     ]
     results = []
-    for function in (both_directions, flip_definition):
+    for function in (stack, flip_definition):
         leaves = [xz.clone().requires_grad_()] + [p.clone().requires_grad_() for p in params]
         out = function(leaves[0][..., :channels], *leaves[1:])  # x: half of in_proj's output
         upstream = torch.linspace(-1, 1, out.numel()).view_as(out)

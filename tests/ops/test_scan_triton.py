@@ -32,6 +32,7 @@ FLAGS = {
     "mamba": (True, True, True, True),
     "gate_only": (False, True, False, True),
     "skip_bias": (True, False, True, False),
+    "bias_only": (False, True, True, True),
 }
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -137,6 +138,7 @@ def assert_matches_reference(inputs, softplus, dtype, walk=None, order=None):
         (33, 12, 16, "mamba"),
         (130, 9, 4, "gate_only"),
         (33, 17, 4, "skip_bias"),
+        (21, 12, 4, "bias_only"),
     ],
 )
 def test_both_directions_match_reference(length, channels, state, flags):
@@ -184,13 +186,15 @@ def test_column_major_walk_matches_transposed_grid():
 
 
 def test_strided_inputs_are_read_in_place():
-    # Views as the mixer passes them: B and C slices of one projection, z half of another.
+    # Views as the mixer passes them: B and C slices of one projection, z half of another; and A
+    # with its channels adjacent, which the kernels read at its strides.
     inputs, softplus = make_inputs(2, 1, 20, 8, 4, "mamba")
     projected = torch.randn(2, 1, 20, 3 + 2 * 4)
     inputs["B"], inputs["C"] = projected[..., 3:7], projected[..., 7:]
     inputs["z"] = torch.randn(1, 20, 16)[..., 8:]
     inputs["u"] = inputs["u"].transpose(2, 3).contiguous().transpose(2, 3)
-    assert not inputs["B"].is_contiguous() and not inputs["u"].is_contiguous()
+    inputs["A"] = inputs["A"].transpose(1, 2).contiguous().transpose(1, 2)  # channels adjacent
+    assert not any(inputs[name].is_contiguous() for name in ("B", "u", "A"))
     assert_matches_reference(inputs, softplus, torch.float32)
 
 
