@@ -271,10 +271,10 @@ class BiMambaMixer(nn.Module):
         padded with zeros to a multiple of 8: zero rows before x_proj's and dt_proj's (so that
         dt's first R' - R columns are zeros).
 
-        All of them are views of one concatenation of (rows, E) pieces, one launch, whose backward
-        pass splits the gradient into the parameters' (views, no copies); under autocast the two
-        projections' weights are cast once. Made once a call: the backward pass's recomputation
-        of the scan's inputs takes them as they are."""
+        All of them are views of one concatenation of (rows, E) pieces: one launch, where stacking
+        each parameter pair took seven; its backward pass hands each parameter a view of one
+        gradient. Under autocast the two projections' weights are cast once. Made once a call: the
+        backward pass's recomputation of the scan's inputs takes them as they are."""
         weight = self.x_proj.weight
         padding = self._aligned_dt_rank - self.dt_rank if weight.is_cuda else 0
         zeros = [weight.new_zeros((padding, self.d_inner))] if padding else []
