@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "inspect_scan_kernels.py"
+# B and C to state-major, and the backward's partial sums added up
+LAYOUT_KERNELS = {"state_major_kernel", "token_major_sums_kernel", "channel_sums_kernel"}
 KERNELS = {
     "chunk_state_kernel",
     "chunk_carry_kernel",
     "scan_output_kernel",
     "chunk_adjoint_kernel",
     "scan_backward_kernel",
-}
+} | LAYOUT_KERNELS
 
 
 def run_tool(*args):
@@ -37,6 +39,8 @@ def test_chunk_kernels_scan_in_registers():
     rows = run_tool("--channels", "64", "--length", "48", "--batch", "1")
     assert {row["kernel"] for row in rows} == KERNELS
     for row in rows:
+        if row["kernel"] in LAYOUT_KERNELS:
+            assert int(row["spill bytes"]) == 0, row
         if row["kernel"] in ("chunk_state_kernel", "scan_output_kernel", "chunk_adjoint_kernel"):
             assert int(row["shfl.sync"]) == 0, row
             assert int(row["spill bytes"]) == 0, row
