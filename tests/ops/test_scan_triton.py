@@ -187,7 +187,7 @@ def test_column_major_walk_matches_transposed_grid():
 
 def test_strided_inputs_are_read_in_place():
     # Views as the mixer passes them: B and C slices of one projection, z half of another; and A
-    # with its channels adjacent, which the kernels read at its strides.
+    # with its channels adjacent, which the op lays out as (E, N) first.
     inputs, softplus = make_inputs(2, 1, 20, 8, 4, "mamba")
     projected = torch.randn(2, 1, 20, 3 + 2 * 4)
     inputs["B"], inputs["C"] = projected[..., 3:7], projected[..., 7:]

@@ -295,8 +295,8 @@ class BiMambaMixer(nn.Module):
         if torch.is_autocast_enabled(device_type):
             projections = projections.to(torch.get_autocast_dtype(device_type))
         x_proj, dt_weight = projections.split([rank + 2 * state, rank], dim=1)
-        # A in its own (E, N) layout: read with its channels adjacent, the scan's chunk-state and
-        # chunk-adjoint kernels ran 7 to 9% slower (H100, ViMDet-B).
+        # A in its own (E, N) layout, made here so that the scan op need not copy it (its kernels
+        # are faster on that layout).
         A = -torch.exp(a_log.float().transpose(1, 2).contiguous())
         return [
             conv_taps.transpose(1, 2),

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .scan_triton import channel_sums, device_guard, row_major_walk
+from .scan_triton import _unit_channel_stride, channel_sums, device_guard, row_major_walk
 
 try:
     import triton
@@ -120,6 +120,6 @@ def conv_both_directions_triton(
     """x (batch, L, E); weight (2, E, K) taps of both directions; bias (2, E); a checked walk
     (None: row-major) -> u (2, batch, L, E) in x's dtype, indexed by token. x and bias are read in
     place when their channels are contiguous, weight at any strides."""
-    x, bias = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, bias))
+    x, bias = _unit_channel_stride(x), _unit_channel_stride(bias)
     walk = [int(v) for v in walk] if walk is not None else row_major_walk(int(x.shape[1]))
     return _conv_op(x, weight, bias, walk)
