@@ -2,8 +2,9 @@
 backbone run eagerly: training steps with an optimizer between them (outputs, every gradient,
 bf16 autocast with its cache on, as Detectron2's AMP trainer runs it), one capture per shape and
 mode, eager runs past the limit, evaluation outputs that outlive the next call, drop path
-drawn afresh at every replay, and the backbone inside DistributedDataParallel, as Detectron2's
-trainer wraps it on several GPUs. Skipped without CUDA."""
+drawn afresh at every replay, the backbone inside DistributedDataParallel, as Detectron2's
+trainer wraps it on several GPUs, and replays launched before the check for moved weights (dropped
+when they moved; never for a run that writes to its weights). Skipped without CUDA."""
 
 import logging
 
@@ -183,3 +184,75 @@ def test_graphed_backbone_trains_inside_distributed_data_parallel(tmp_path):
         assert len(graphed.graphs) == 1
     finally:
         dist.destroy_process_group()
+
+
+def test_replays_start_before_the_weights_check_and_are_discarded_when_weights_moved(
+    monkeypatch,
+):
+    # The forward graph is launched before the host walks the module for moved weights; when the
+    # walk finds them moved (a checkpoint loaded with assign=True: new memory, new values), that
+    # replay's outputs are dropped with its graphs, and the step matches the eager one.
+    from vimdet.modeling import cuda_graphs
+
+    events = []
+    for cls, name in (
+        (cuda_graphs._Capture, "forward"),
+        (cuda_graphs.CudaGraphs, "forget_stale_captures"),
+    ):
+        original = getattr(cls, name)
+
+        def logged(*args, _original=original, _name=name, **kwargs):
+            events.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, logged)
+    eager, graphed = backbone(0).cuda(), backbone(1).cuda()
+    graphed.load_state_dict(eager.state_dict())
+    images = torch.randn(2, 3, 128, 128, device="cuda")
+    graphed(images)["p3"].sum().backward()  # the capture
+    events.clear()
+    graphed(images)["p3"].sum().backward()
+    assert events == ["forward", "forget_stale_captures"]  # one replay, launched first
+    torch.manual_seed(1)
+    new_weights = backbone(0).cuda().state_dict()
+    eager.load_state_dict(new_weights)
+    graphed.load_state_dict({k: v.clone() for k, v in new_weights.items()}, assign=True)
+    results = []
+    for model in (eager, graphed):
+        model.zero_grad()
+        levels = model(images)
+        sum(level.square().mean() for level in levels.values()).backward()
+        results.append((levels, [p.grad for p in model.parameters()]))
+    (eager_levels, eager_grads), (graphed_levels, graphed_grads) = results
+    assert len(graphed.graphs) == 1  # captured again
+    for name in eager_levels:
+        assert relative_error(graphed_levels[name], eager_levels[name]) < 1e-4, name
+    for expected, actual in zip(eager_grads, graphed_grads):
+        assert relative_error(actual, expected) < 1e-4
+
+
+class CountingModule(torch.nn.Module):
+    """Writes to a buffer in place at every call, as a norm's running statistics do."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.linear(x)
+
+
+def test_a_run_that_writes_to_its_weights_replays_only_after_the_check():
+    from vimdet.modeling.cuda_graphs import CudaGraphs
+
+    module, graphs = CountingModule().cuda(), CudaGraphs(1)
+    x = torch.randn(4, 8, device="cuda")
+    for _ in range(3):
+        graphs(module, module.forward, x).sum().backward()
+    (capture,) = graphs._captures.values()
+    assert not capture.launch_before_check
+    assert graphs._launch_before_check(module, x) is None
+    # Two warm-up passes and three replays (a capture records the kernels without running them).
+    assert module.calls.item() == 5
