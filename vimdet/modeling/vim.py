@@ -200,7 +200,9 @@ class BiMambaMixer(nn.Module):
         # The rank as the thin projections run it on the GPU: a multiple of 8, so that their bf16
         # operands' rows are 16-byte aligned. At Vim-T's rank 12, cuBLAS otherwise falls back to
         # kernels for 4-byte alignment, which took an eighth of a training step (H100). The
-        # padding's weights are zeros; on the CPU, where alignment costs nothing, there is none.
+        # padding's weights are zeros; on the CPU, where alignment costs nothing, there is none,
+        # nor under torch.jit.trace: fvcore's FLOP count traces the model, and counts the model's
+        # projections, not the padded ones (a traced program then runs the unaligned kernels).
         self._aligned_dt_rank = -(-self.dt_rank // 8) * 8
         self.scan_backend = scan_backend
         direction = dict(
@@ -276,7 +278,8 @@ class BiMambaMixer(nn.Module):
         gradient. Under autocast the two projections' weights are cast once. Made once a call: the
         backward pass's recomputation of the scan's inputs takes them as they are."""
         weight = self.x_proj.weight
-        padding = self._aligned_dt_rank - self.dt_rank if weight.is_cuda else 0
+        aligned = weight.is_cuda and not torch.jit.is_tracing()
+        padding = self._aligned_dt_rank - self.dt_rank if aligned else 0
         zeros = [weight.new_zeros((padding, self.d_inner))] if padding else []
         pieces = []
         for suffix in suffixes:
