@@ -247,7 +247,9 @@ class CudaGraphs:
     gradients are wanted, inference mode and the autocast state. In training its outputs are the
     graph's own tensors, valid until the same capture replays again (the next step, after the
     backward pass); without gradients they are copied out. Parameter gradients are always fresh
-    tensors.
+    tensors. A call replays the forward graph that the last call's weights select first, and only
+    then walks the module for moved weights, while that graph runs; weights that moved drop every
+    capture, that replay included.
 
     Args:
         max_graphs: captures to hold; inputs of further shapes run eagerly (with one warning).
