@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -167,7 +168,9 @@ def _channel_sums_of_two(x, y):
 
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    """1 / (1 + exp(-x)) in fp32. Through exp2, which Triton lowers to one ``ex2.approx.ftz``:
+    ``tl.exp`` adds a guard against subnormal results, which the sum with 1 would round away."""
+    return 1.0 / (1.0 + tl.exp2(x * -LOG2E))
 
 
 @triton.jit
@@ -197,7 +200,9 @@ def _load_dt(
 
 @triton.jit
 def _softplus(x):
-    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
+    """log(1 + exp(x)) in fp32, x itself above 20 (as mamba-ssm); through exp2 and log2, as
+    ``_sigmoid``."""
+    return tl.where(x <= 20.0, tl.log2(1.0 + tl.exp2(x * LOG2E)) * LN2, x)
 
 
 @triton.jit
