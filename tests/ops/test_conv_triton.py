@@ -79,9 +79,9 @@ def test_triton_conv_matches_flip_definition(monkeypatch, length, channels, stac
 
 
 def test_bf16_input_keeps_its_dtype_and_matches_fp32(monkeypatch):
-    # bf16 x, as under autocast: u, dx and the scratch g between the backward's two kernels are
-    # bf16, the sums fp32. Against the fp32 definition on the same values, to bf16's rounding
-    # (relative to the largest magnitude of each tensor).
+    # bf16 x, as under autocast: u and dx are bf16, the backward's gradients of the
+    # pre-activations and all sums fp32. Against the fp32 definition on the same values, to
+    # bf16's rounding (relative to the largest magnitude of each tensor).
     monkeypatch.setattr(conv_triton, "BLOCK", (8, 8))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 21, 12, generator=gen).to(torch.bfloat16)

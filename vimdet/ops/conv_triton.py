@@ -13,7 +13,13 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .scan_triton import _unit_channel_stride, channel_sums, device_guard, row_major_walk
+from .scan_triton import (
+    _is_row_major,
+    _unit_channel_stride,
+    channel_sums,
+    device_guard,
+    row_major_walk,
+)
 
 try:
     import triton
@@ -25,10 +31,10 @@ except ImportError:
 
 __all__ = ["conv_both_directions_triton"]
 
-# (positions, channels) of a program's tile, and its warps: 32 values a thread. Measured best of
-# those tried on an H100 at Vim-B's and Vim-T's widths (docs/benchmarks.md): against 4 warps, 2
-# cut the backward pass's time by 43%.
-BLOCK = (32, 64)
+# (positions, channels) of a program's tile, and its warps: a lane a channel, 16 positions in its
+# registers. Best of those tried inside ViMDet-B's training step on an H100 (docs/benchmarks.md):
+# the backward kernel at 32 positions needs 255 registers and ran 41% slower in the step.
+BLOCK = (16, 64)
 WARPS = 2
 
 
@@ -45,7 +51,7 @@ def _conv_op(x: Tensor, weight: Tensor, bias: Tensor, walk: List[int]) -> Tensor
         kernels.conv_forward_kernel[_grid(x)](
             x, weight, bias, u, length, channels, x.stride(0), x.stride(1),
             *weight.stride(), bias.stride(0),
-            u.stride(0), u.stride(1), u.stride(2), *walk,
+            u.stride(0), u.stride(1), u.stride(2), *walk, ROW_MAJOR=_is_row_major(walk, length),
             TAPS=weight.shape[-1], BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1], num_warps=WARPS,
         )  # fmt: skip
     return u
@@ -62,27 +68,20 @@ def _conv_backward_op(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     batch, length, channels = x.shape
     taps = weight.shape[-1]
+    row_major = _is_row_major(walk, length)
     grid = _grid(x)
     blocks = grid[0] * batch
     f32 = {"dtype": torch.float32, "device": x.device}
-    # The scratch g between the two kernels is kept in x's dtype: in bf16 that halves its traffic,
-    # and rounds g as du, which arrives in that dtype, is already rounded.
-    grads = torch.empty((2, batch, length, channels), dtype=x.dtype, device=x.device)
     # Each program's partial sums of the taps' and the bias's gradients, one tensor that one
     # reduction adds up: (blocks, 2, taps + 1, E), the bias's row last.
     parts = torch.empty((blocks, 2, taps + 1, channels), **f32)
     dx = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
     with device_guard(x):
         kernels.conv_backward_kernel[grid](
-            x, weight, bias, du, grads, parts, length, channels,
+            x, weight, bias, du, dx, parts, length, channels,
             x.stride(0), x.stride(1), *weight.stride(), bias.stride(0),
-            du.stride(0), du.stride(1), du.stride(2), *walk,
-            TAPS=taps, BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1], num_warps=WARPS,
-        )  # fmt: skip
-        kernels.conv_backward_input_kernel[grid](
-            grads, weight, dx, length, channels, batch, *weight.stride(),
-            dx.stride(0), dx.stride(1), *walk, TAPS=taps, BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1],
-            num_warps=WARPS,
+            du.stride(0), du.stride(1), du.stride(2), dx.stride(0), dx.stride(1), *walk,
+            ROW_MAJOR=row_major, TAPS=taps, BLOCK_L=BLOCK[0], BLOCK_E=BLOCK[1], num_warps=WARPS,
         )  # fmt: skip
         # Partial sums added in a fixed order: deterministic, no atomics.
         dweight = torch.empty_like(weight, memory_format=torch.contiguous_format)
