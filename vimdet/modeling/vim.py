@@ -30,6 +30,7 @@ from vimdet.ops import (
     bidirectional_selective_scan_recomputing,
     column_major_walk,
     conv_both_directions,
+    project_sharing_input,
 )
 
 __all__ = [
@@ -329,10 +330,9 @@ class BiMambaMixer(nn.Module):
         # matmul a direction over all B * L tokens, batched over the two directions' stacked
         # weights; dt, B and C are views of x_proj's output.
         u = conv_both_directions(x, conv_weight, conv_bias, walk=walk, backend=self.scan_backend)
-        tokens = u.flatten(1, 2)
-        dt, b, c = torch.bmm(tokens, x_proj.transpose(1, 2)).split(
-            [dt_weight.shape[1], self.d_state, self.d_state], dim=-1
-        )
+        tokens, projected = project_sharing_input(u.flatten(1, 2), x_proj)
+        u = tokens.view(u.shape)  # the scan's gradient of u then joins x_proj's in one GEMM
+        dt, b, c = projected.split([dt_weight.shape[1], self.d_state, self.d_state], dim=-1)
         # delta's bias goes into the scan as delta_bias.
         delta = torch.bmm(dt, dt_weight).view(u.shape)
         batch_and_length = u.shape[1:3]
