@@ -150,17 +150,7 @@ class _Capture:
                     stream=side,
                     capture_error_mode="thread_local",
                 ):
-                    grads = self._gradients(self.outputs, self.output_grads)
-                    # Packed by dtype inside the graph: a replay hands out one copy per dtype.
-                    self.grad_layout = [
-                        (g.shape, g.dtype) if g is not None else None for g in grads
-                    ]
-                    self.packed_grads = {
-                        dtype: torch.cat(
-                            [g.reshape(-1) for g in grads if g is not None and g.dtype == dtype]
-                        )
-                        for dtype in {g.dtype for g in grads if g is not None}
-                    }
+                    self.grads = self._gradients(self.outputs, self.output_grads)
                 # Drop the captured autograd graph: replays build their own.
                 self.outputs = tuple(o.detach() for o in self.outputs)
         # A run that writes to its weights in place (a norm's running statistics) would, replayed
@@ -192,19 +182,11 @@ class _Capture:
             else:
                 static.copy_(grad)
         self.backward_graph.replay()
-        # Copies, so that gradients outlive the next replay (accumulation over steps works).
-        pieces = {
-            dtype: iter(
-                packed.clone().split(
-                    [n.numel() for n, d in filter(None, self.grad_layout) if d == dtype]
-                )
-            )
-            for dtype, packed in self.packed_grads.items()
-        }
-        return tuple(
-            next(pieces[entry[1]]).view(entry[0]) if entry is not None else None
-            for entry in self.grad_layout
-        )
+        # Fresh copies, so that gradients outlive the next replay (accumulation over steps works):
+        # a multi-tensor kernel (x * 1 is exact) instead of one launch a parameter.
+        present = [g for g in self.grads if g is not None]
+        copies = iter(torch._foreach_mul(present, 1.0) if present else ())
+        return tuple(next(copies) if g is not None else None for g in self.grads)
 
 
 class _Replay(torch.autograd.Function):
