@@ -1,10 +1,11 @@
-"""``project_sharing_input`` against the plain composition (x used twice, ``torch.bmm``): outputs
-and both gradients, with and without a gradient through each output."""
+"""``project_sharing_input`` and ``project_in_parts`` against the plain compositions (x used twice
+and ``torch.bmm``; a linear map and ``split``): outputs and every gradient, with and without a
+gradient through each output."""
 
 import pytest
 import torch
 
-from vimdet.ops import project_sharing_input
+from vimdet.ops import project_in_parts, project_sharing_input
 
 
 def plain(x, weight):
@@ -59,3 +60,34 @@ def test_no_autograd_node_without_a_gradient():
     shared, projected = project_sharing_input(x, weight)
     assert shared is x and projected.grad_fn is None
     torch.testing.assert_close(projected, torch.bmm(x, weight.transpose(1, 2)))
+
+
+@pytest.mark.parametrize("used", [(True, True), (True, False), (False, True)])
+def test_parts_equal_the_linear_map_split(used):
+    gen = torch.Generator().manual_seed(2)
+    linear = torch.nn.Linear(6, 9, bias=False).double()
+    x = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64)
+    upstream = (torch.randn(2, 5, 4, generator=gen, dtype=torch.float64),
+                torch.randn(2, 5, 5, generator=gen, dtype=torch.float64))  # fmt: skip
+    results = []
+    for function in (project_in_parts, lambda lin, x, sizes: lin(x).split(sizes, dim=-1)):
+        leaf = x.clone().requires_grad_()
+        linear.zero_grad()
+        parts = function(linear, leaf, [4, 5])
+        loss = sum((p * u).sum() * w for p, u, w in zip(parts, upstream, used))
+        (grad,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+        loss.backward()
+        results.append((parts, grad, linear.weight.grad.clone()))
+    (parts, grad, weight_grad), (parts_ref, grad_ref, weight_grad_ref) = results
+    assert [p.shape for p in parts] == [(2, 5, 4), (2, 5, 5)]
+    for part, part_ref in zip(parts, parts_ref):
+        torch.testing.assert_close(part, part_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weight_grad, weight_grad_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_parts_refuse_a_bias_and_sizes_that_do_not_add_up():
+    with pytest.raises(ValueError, match="no bias"):
+        project_in_parts(torch.nn.Linear(3, 4), torch.randn(2, 3), [2, 2])
+    with pytest.raises(ValueError, match="do not add up"):
+        project_in_parts(torch.nn.Linear(3, 4, bias=False), torch.randn(2, 3), [2, 1])

@@ -30,6 +30,7 @@ from vimdet.ops import (
     bidirectional_selective_scan_recomputing,
     column_major_walk,
     conv_both_directions,
+    project_in_parts,
     project_sharing_input,
 )
 
@@ -236,7 +237,8 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden: Tensor, grid: Tuple[int, int] | None = None) -> Tensor:
         """hidden (B, L, dim), its tokens a row-major ``grid`` (H, W) -> (B, L, dim). The grid is
         needed by the column and cross routes only."""
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # token-major (B, L, E) views
+        # Token-major (B, L, E) views; their gradients meet in in_proj's backward GEMMs, not a cat.
+        x, z = project_in_parts(self.in_proj, hidden, [self.d_inner] * 2)
         if self.route == "row":
             return self.out_proj(self._scan_both_ways(x, z, None, _ROW_DIRECTIONS))
         if grid is None or grid[0] * grid[1] != hidden.shape[1]:

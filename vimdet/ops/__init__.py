@@ -1,12 +1,12 @@
 """Ops: the selective scan, one dispatcher over its Triton, CUDA, chunked and reference backends,
-the mixer's depthwise convolutions of both directions, its x_proj sharing its input with the scan,
-the blocks' residual add + RMSNorm, and NMS as an op with an exact fake kernel (for the exported
-detector)."""
+the mixer's depthwise convolutions of both directions, its projections whose backward GEMMs add
+gradients in place, the blocks' residual add + RMSNorm, and NMS as an op with an exact fake kernel
+(for the exported detector)."""
 
 from .conv import conv_both_directions
 from .nms import nms
 from .norm import add_rms_norm, add_rms_norm_reference
-from .projection import project_sharing_input
+from .projection import project_in_parts, project_sharing_input
 from .scan_mamba import cuda_kernel_available
 from .scan_triton import column_major_walk, row_major_walk, triton_available
 from .selective_scan import (
@@ -31,6 +31,7 @@ __all__ = [
     "conv_both_directions",
     "cuda_kernel_available",
     "nms",
+    "project_in_parts",
     "project_sharing_input",
     "resolve_backend",
     "row_major_walk",

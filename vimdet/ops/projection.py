@@ -1,21 +1,26 @@
-"""A batched projection whose input also feeds another op: in the backward pass the other op's
-gradient of the input is added inside the projection's input-gradient GEMM (``torch.baddbmm``),
-instead of by autograd's separate add of two full-size gradients.
+"""Projections whose backward passes add gradients inside their GEMMs instead of in separate
+full-size copies or adds, for Vim's mixer (Zhu et al., arXiv 2401.09417):
 
-In Vim's mixer (Zhu et al., arXiv 2401.09417) the conv's output u (2, batch * L, E) feeds both
-the selective scan and x_proj; at Vim-B's width autograd's add of the two bf16 gradients of u
-was a 50 µs kernel a block on an H100 (docs/benchmarks.md).
+- :func:`project_sharing_input`: a batched projection whose input also feeds another op. The
+  conv's output u (2, batch * L, E) feeds both the selective scan and x_proj; autograd added the
+  two bf16 gradients of u in a kernel of its own (Vim-B: 50 µs a block on an H100).
+- :func:`project_in_parts`: a linear map whose output is used in parts. in_proj's output splits
+  into x and z; autograd concatenated their gradients before the backward GEMMs (Vim-B: 100 MB
+  moved a block).
+
+Both fall back to the plain ops under ``torch.compile`` and ``torch.jit.trace``, and where no
+gradient is wanted.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["project_sharing_input"]
+__all__ = ["project_in_parts", "project_sharing_input"]
 
 
 class _ProjectionSharingInput(torch.autograd.Function):
@@ -62,10 +67,74 @@ def project_sharing_input(x: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
     ``torch.compile`` or ``torch.jit.trace``, or when no gradient reaches x, this is a plain
     ``torch.bmm`` (the compiler fuses the add itself).
     """
-    if (
-        torch.is_grad_enabled()
-        and x.requires_grad
-        and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-    ):
+    if _differentiated(x) and not _traced():
         return _ProjectionSharingInput.apply(x, weight)
     return x, torch.bmm(x, weight.transpose(1, 2))
+
+
+def _differentiated(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _traced() -> bool:
+    """Whether a compiler or tracer records the call: it then gets the plain ops."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+class _ProjectionInParts(torch.autograd.Function):
+    """x @ weight^T for x (..., K) and weight (N, K), returned as views of its last dimension in
+    parts of ``sizes``; see :func:`project_in_parts`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, sizes: Tuple[int, ...]) -> Tuple[Tensor, ...]:
+        projected = torch.matmul(x, weight.t())  # under the caller's autocast
+        # The GEMM's operands in the dtype it ran in, for a backward pass without autocast.
+        ctx.save_for_backward(x.to(projected.dtype), weight.to(projected.dtype))
+        ctx.dtypes, ctx.sizes = (x.dtype, weight.dtype), sizes
+        return projected.split(sizes, dim=-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor | None):
+        x, weight = ctx.saved_tensors
+        x_dtype, weight_dtype = ctx.dtypes
+        rows = x.reshape(-1, x.shape[-1])
+        parts = [
+            (grad.reshape(-1, grad.shape[-1]), weight_rows)
+            for grad, weight_rows in zip(grads, weight.split(ctx.sizes))
+            if grad is not None
+        ]
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[0] and parts:
+            grad_input = torch.mm(*parts[0])
+            for grad, weight_rows in parts[1:]:
+                grad_input.addmm_(grad, weight_rows)  # the sum in the GEMM's fp32 epilogue
+            grad_input = grad_input.view(x.shape).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros_like(weight)
+            for grad, weight_rows in zip(grads, grad_weight.split(ctx.sizes)):
+                if grad is not None:
+                    torch.mm(grad.reshape(-1, grad.shape[-1]).t(), rows, out=weight_rows)
+            grad_weight = grad_weight.to(weight_dtype)
+        return grad_input, grad_weight, None
+
+
+def project_in_parts(linear: nn.Linear, x: Tensor, sizes: Sequence[int]) -> Tuple[Tensor, ...]:
+    """``linear(x).split(sizes, dim=-1)`` for a ``linear`` without bias: x (..., K) -> parts
+    (..., sizes[i]).
+
+    In the backward pass the parts' gradients are not concatenated: each goes into its own
+    GEMMs, the input gradient summed in place (``addmm_``), the weight gradient written into its
+    rows. Under ``torch.compile`` or ``torch.jit.trace``, or when no gradient is wanted, this is
+    ``linear(x).split(...)`` itself (module hooks then run as usual).
+    """
+    if linear.bias is not None:
+        raise ValueError("project_in_parts: the linear map must have no bias")
+    if sum(sizes) != linear.out_features:
+        raise ValueError(
+            f"project_in_parts: parts {list(sizes)} do not add up to the {linear.out_features} "
+            "outputs of the linear map"
+        )
+    if _differentiated(x, linear.weight) and not _traced():
+        return _ProjectionInParts.apply(x, linear.weight, tuple(sizes))
+    return linear(x).split(list(sizes), dim=-1)
