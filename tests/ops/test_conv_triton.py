@@ -180,3 +180,20 @@ def test_walk_that_is_not_a_permutation_is_refused():
         conv_both_directions(
             x, torch.randn(2, 4, 4), torch.randn(2, 4), walk=[0, 3, 1, 1], backend="triton"
         )
+
+
+def test_gradient_of_any_layout_is_read_right(monkeypatch):
+    # The backward kernel reads du with adjacent channels; a sum of u hands it an expanded
+    # (stride 0) gradient, a transposed product a strided one. Both are copied first.
+    monkeypatch.setattr(conv_triton, "BLOCK", (8, 8))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 11, 6, generator=gen)
+    params = [torch.randn(*shape, generator=gen) for shape in ((6, 1, 4), (6,)) * 2]
+    upstream = torch.randn(2, 2, 6, 11, generator=gen).transpose(2, 3)  # (2, B, L, E), strided
+    for loss in (lambda out: out.sum(), lambda out: (out * upstream).sum()):
+        results = []
+        for function in (both_directions, flip_definition):
+            leaves = [x.clone().requires_grad_()] + [p.clone().requires_grad_() for p in params]
+            results.append(torch.autograd.grad(loss(function(*leaves)), leaves))
+        for name, grad, expected in zip(("x", "w", "b", "w_b", "b_b"), *results):
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5, msg=name)

@@ -69,6 +69,7 @@ def _conv_backward_op(
     batch, length, channels = x.shape
     taps = weight.shape[-1]
     row_major = _is_row_major(walk, length)
+    du = _unit_channel_stride(du)  # e.g. expanded, from a sum of u
     grid = _grid(x)
     blocks = grid[0] * batch
     f32 = {"dtype": torch.float32, "device": x.device}
