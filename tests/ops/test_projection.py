@@ -91,3 +91,18 @@ def test_parts_refuse_a_bias_and_sizes_that_do_not_add_up():
         project_in_parts(torch.nn.Linear(3, 4), torch.randn(2, 3), [2, 2])
     with pytest.raises(ValueError, match="do not add up"):
         project_in_parts(torch.nn.Linear(3, 4, bias=False), torch.randn(2, 3), [2, 1])
+
+
+def test_fp32_input_under_autocast_keeps_the_direct_gradient_exact():
+    # x in fp32 while autocast runs the GEMM in bf16: the gradient reaching the first output is
+    # added in fp32, not rounded to bf16 with the GEMM's (as the plain composition does it).
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 8, generator=gen).requires_grad_()
+    weight = torch.randn(2, 4, 8, generator=gen)
+    direct = torch.randn(2, 16, 8, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        shared, projected = project_sharing_input(x, weight)
+    assert projected.dtype == torch.bfloat16
+    grad = torch.autograd.grad([shared, projected], x, [direct, torch.zeros_like(projected)])[0]
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, direct, rtol=0, atol=0)

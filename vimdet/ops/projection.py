@@ -45,13 +45,15 @@ class _ProjectionSharingInput(torch.autograd.Function):
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
             if grad_x is None:
-                grad_input = torch.bmm(grad_projected, weight)
+                grad_input = torch.bmm(grad_projected, weight).to(x_dtype)
             elif grad_x.dtype == x.dtype and grad_x.is_contiguous():
                 # Accumulated in place: a fresh output would cost a copy of grad_x first.
-                grad_input = grad_x.baddbmm_(grad_projected, weight)
+                grad_input = grad_x.baddbmm_(grad_projected, weight).to(x_dtype)
             else:
-                grad_input = torch.baddbmm(grad_x.to(x.dtype), grad_projected, weight)
-            grad_input = grad_input.to(x_dtype)
+                # grad_x in another dtype than the GEMM's (fp32 x under autocast) or strided: a
+                # plain add, which keeps grad_x's precision.
+                projected_grad = torch.bmm(grad_projected, weight).to(grad_x.dtype)
+                grad_input = (grad_x + projected_grad).to(x_dtype)
         if ctx.needs_input_grad[1]:
             grad_weight = torch.bmm(grad_projected.transpose(1, 2), x).to(weight_dtype)
         return grad_input, grad_weight
