@@ -22,7 +22,7 @@ moves (``_shift_rows``) with the rows past the tile's ends read as single rows.
 import triton
 import triton.language as tl
 
-from .scan_triton_kernels import _shift_rows, _sigmoid, _walk_token
+from .scan_triton_kernels import _shift_rows, _sigmoid, _silu_derivative, _walk_token
 
 __all__ = ["conv_backward_kernel", "conv_forward_kernel"]
 
@@ -265,8 +265,7 @@ def _grad_row(
     du = _rows(
         du_ptr, pos, length, offs_e, e_ok, s_du_l, walk_start, inner, s_inner, s_outer, ROW_MAJOR
     )
-    sig = _sigmoid(pre)
-    return du * sig * (1.0 + pre * (1.0 - sig))
+    return du * _silu_derivative(pre)
 
 
 @triton.jit(do_not_specialize=["s_x_l", "s_du_l", "s_dx_l"])
@@ -345,7 +344,6 @@ def conv_backward_kernel(
             pre = fwd
         else:
             pre = bwd
-        sig = _sigmoid(pre)
         du = _rows(
             du_ptr + d * s_du_dir,
             pos,
@@ -359,13 +357,15 @@ def conv_backward_kernel(
             s_outer,
             ROW_MAJOR,
         )
-        grad = du * sig * (1.0 + pre * (1.0 - sig))
+        grad = du * _silu_derivative(pre)
         part_rows = part_ptr + (block * 2 + d) * (TAPS + 1) * channels + offs_e
         tl.store(part_rows + TAPS * channels, tl.sum(grad, axis=0), mask=e_ok)
         # Tap K-1-j reads x at position t - j (forward) or t + j (backward); dx[t] reads g at
         # t + j (forward) or t - j (backward).
         tap = _tap(w_ptr + d * s_w_dir, TAPS - 1, offs_e, e_ok, s_w_e, s_w_k)
         dx += tap * grad
+        # x's shifted copies are made again (register moves and one edge row each) rather than
+        # kept from _pre_activations, which would hold three more tiles live.
         x_shifted = x
         grad_shifted = grad
         tl.store(part_rows + (TAPS - 1) * channels, tl.sum(grad * x, axis=0), mask=e_ok)

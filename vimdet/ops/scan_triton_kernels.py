@@ -199,6 +199,13 @@ def _load_dt(
 
 
 @triton.jit
+def _silu_derivative(x):
+    """d silu(x) / dx = s * (1 + x * (1 - s)), s = sigmoid(x), in fp32."""
+    sig = _sigmoid(x)
+    return sig * (1.0 + x * (1.0 - sig))
+
+
+@triton.jit
 def _softplus(x):
     """log(1 + exp(x)) in fp32, x itself above 20 (as mamba-ssm); through exp2 and log2, as
     ``_sigmoid``."""
@@ -871,13 +878,12 @@ def scan_backward_kernel(
         if ADD_PARTIAL:
             y += tl.load(partial_ptrs, mask=mask, other=0.0)
         if FINAL:
-            # out = y / dirs * silu(z), and d silu(z) / dz = s * (1 + z * (1 - s)), s = sigmoid(z).
+            # out = y / dirs * silu(z).
             dout = _load_tile(
                 dout_ptr + b * s_do_b, tok, rows_ok, offs_e, e_ok, s_do_l, s_do_e, True
             )
             zt = _load_tile(z_ptr + b * s_z_b, tok, rows_ok, offs_e, e_ok, s_z_l, s_z_e, True)
-            sig = _sigmoid(zt)
-            dz = dout * (y * (1.0 / NUM_DIRS)) * sig * (1.0 + zt * (1.0 - sig))
+            dz = dout * (y * (1.0 / NUM_DIRS)) * _silu_derivative(zt)
             tl.store(
                 dz_ptr + b * s_dz_b + tok[:, None] * s_dz_l + offs_e[None, :] * s_dz_e,
                 dz.to(dz_ptr.dtype.element_ty),
