@@ -100,23 +100,26 @@ class _ProjectionInParts(torch.autograd.Function):
     def backward(ctx, *grads: Tensor | None):
         x, weight = ctx.saved_tensors
         x_dtype, weight_dtype = ctx.dtypes
-        rows = x.reshape(-1, x.shape[-1])
+        # (index of the part, its gradient as rows) for the parts that have one.
         parts = [
-            (grad.reshape(-1, grad.shape[-1]), weight_rows)
-            for grad, weight_rows in zip(grads, weight.split(ctx.sizes))
+            (i, grad.reshape(-1, grad.shape[-1]))
+            for i, grad in enumerate(grads)
             if grad is not None
         ]
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0] and parts:
-            grad_input = torch.mm(*parts[0])
-            for grad, weight_rows in parts[1:]:
-                grad_input.addmm_(grad, weight_rows)  # the sum in the GEMM's fp32 epilogue
+            weight_parts = weight.split(ctx.sizes)
+            (first, grad), *rest = parts
+            grad_input = torch.mm(grad, weight_parts[first])
+            for i, grad in rest:
+                grad_input.addmm_(grad, weight_parts[i])  # the sum in the GEMM's fp32 epilogue
             grad_input = grad_input.view(x.shape).to(x_dtype)
         if ctx.needs_input_grad[1]:
             grad_weight = torch.zeros_like(weight)
-            for grad, weight_rows in zip(grads, grad_weight.split(ctx.sizes)):
-                if grad is not None:
-                    torch.mm(grad.reshape(-1, grad.shape[-1]).t(), rows, out=weight_rows)
+            grad_weight_parts = grad_weight.split(ctx.sizes)
+            rows = x.reshape(-1, x.shape[-1])
+            for i, grad in parts:
+                torch.mm(grad.t(), rows, out=grad_weight_parts[i])
             grad_weight = grad_weight.to(weight_dtype)
         return grad_input, grad_weight, None
 
