@@ -25,8 +25,11 @@ Every decay is exp2 of a non-positive exponent (A < 0, dt >= 0): nothing is divi
 decay. All arithmetic is fp32; tensors are read and written in their own dtypes.
 """
 
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 __all__ = [
     "channel_sums_kernel",
@@ -41,6 +44,10 @@ __all__ = [
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# The softplus's log2, compiled, is libdevice's fast_log2f: one ``lg2.approx`` (relative error about
+# 2**-22), where ``tl.log2`` lowers to a polynomial of about 25 instructions. Triton's interpreter
+# runs no libdevice functions: there it is ``tl.log2``.
+FAST_LOG2 = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 
 @triton.jit
@@ -209,7 +216,11 @@ def _silu_derivative(x):
 def _softplus(x):
     """log(1 + exp(x)) in fp32, x itself above 20 (as mamba-ssm); through exp2 and log2, as
     ``_sigmoid``."""
-    return tl.where(x <= 20.0, tl.log2(1.0 + tl.exp2(x * LOG2E)) * LN2, x)
+    if FAST_LOG2:
+        log2 = libdevice.fast_log2f(1.0 + tl.exp2(x * LOG2E))
+    else:
+        log2 = tl.log2(1.0 + tl.exp2(x * LOG2E))
+    return tl.where(x <= 20.0, log2 * LN2, x)
 
 
 @triton.jit
