@@ -60,9 +60,12 @@ BACKWARD_BLOCK = (32, 1)
 # whole backward pass ran 11% slower pipelined, and the forward kernels, at about three times the
 # warps, ran slower too. They keep one stage.
 BACKWARD_LOAD_STAGES = 3
-# The chaining kernel's tile: chunks scanned at once, and elements of the (N, E) slab per program.
-CARRY_CHUNKS = 32
+# The chaining kernel's tile: chunks scanned at once, elements of the (N, E) slab per program, and
+# warps. (16, 64, 2) took 5.3 ms of a ViMDet-B training step where (32, 64, 4) took 6.3 (H100,
+# 1024², 72 launches; docs/benchmarks.md).
+CARRY_CHUNKS = 16
 CARRY_BLOCK = 64
+CARRY_WARPS = 2
 # (tokens, warps) of a program of the layout kernels (B and C to state-major, dB and dC back), and
 # the (rows, elements, warps) tile of the channel sums' kernel: best of those tried on an H100 at
 # ViMDet-T's and -B's shapes (1024², batch 2). There the channel sums took 20 and 53 µs (torch's sum
@@ -279,7 +282,7 @@ def _chain_chunks(chunk_values: Tensor, logsums: Tensor, A: Tensor, adjoint: boo
         DIR0_DOWN=adjoint,
         CHUNK_TILE=CARRY_CHUNKS,
         BLOCK=CARRY_BLOCK,
-        num_warps=4,
+        num_warps=CARRY_WARPS,
     )
     return carries
 
