@@ -106,3 +106,32 @@ def test_fp32_input_under_autocast_keeps_the_direct_gradient_exact():
     grad = torch.autograd.grad([shared, projected], x, [direct, torch.zeros_like(projected)])[0]
     assert grad.dtype == torch.float32
     torch.testing.assert_close(grad, direct, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("used", [(True, True), (False, True)])
+def test_parts_under_autocast_equal_the_linear_map_split(used):
+    # fp32 x and weight while autocast runs the GEMM in bf16 (the weight cast once, in the
+    # function): parts, and gradients in the leaves' dtype, as autocast's own linear map gives
+    # them; rows of an unused part's weight gradient are zero.
+    gen = torch.Generator().manual_seed(4)
+    linear = torch.nn.Linear(16, 24, bias=False)
+    x = torch.randn(3, 7, 16, generator=gen)
+    upstream = (torch.randn(3, 7, 8, generator=gen), torch.randn(3, 7, 16, generator=gen))
+    results = []
+    for function in (project_in_parts, lambda lin, x, sizes: lin(x).split(sizes, dim=-1)):
+        leaf = x.clone().requires_grad_()
+        linear.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            parts = function(linear, leaf, [8, 16])
+        loss = sum((p.float() * u).sum() for p, u, w in zip(parts, upstream, used) if w)
+        loss.backward()
+        results.append((parts, leaf.grad, linear.weight.grad.clone()))
+    (parts, grad, weight_grad), (parts_ref, grad_ref, weight_grad_ref) = results
+    for part, part_ref in zip(parts, parts_ref):
+        assert part.dtype == torch.bfloat16
+        torch.testing.assert_close(part, part_ref, rtol=0, atol=0)
+    assert grad.dtype == weight_grad.dtype == torch.float32
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(weight_grad, weight_grad_ref, rtol=1e-2, atol=1e-2)
+    if not used[0]:
+        assert weight_grad[:8].abs().max() == 0

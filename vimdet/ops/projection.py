@@ -74,6 +74,17 @@ def project_sharing_input(x: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
     return x, torch.bmm(x, weight.transpose(1, 2))
 
 
+def _autocast_operands(*tensors: Tensor) -> Tuple[Tensor, ...]:
+    """``tensors`` in the dtype autocast gives a GEMM on their device (as they are without
+    autocast)."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    # As autocast: fp64 is left alone.
+    return tuple(t if t.dtype == torch.float64 else t.to(dtype) for t in tensors)
+
+
 def _differentiated(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -89,11 +100,13 @@ class _ProjectionInParts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, sizes: Tuple[int, ...]) -> Tuple[Tensor, ...]:
-        projected = torch.matmul(x, weight.t())  # under the caller's autocast
-        # The GEMM's operands in the dtype it ran in, for a backward pass without autocast.
-        ctx.save_for_backward(x.to(projected.dtype), weight.to(projected.dtype))
         ctx.dtypes, ctx.sizes = (x.dtype, weight.dtype), sizes
-        return projected.split(sizes, dim=-1)
+        # The GEMM's operands in the dtype it runs in, cast once (autocast's own cast of the
+        # weight would be a second copy where its cache is off, as in a CUDA graph's capture),
+        # and kept for a backward pass without autocast.
+        x, weight = _autocast_operands(x, weight)
+        ctx.save_for_backward(x, weight)
+        return torch.matmul(x, weight.t()).split(sizes, dim=-1)
 
     @staticmethod
     @once_differentiable
@@ -115,7 +128,9 @@ class _ProjectionInParts(torch.autograd.Function):
                 grad_input.addmm_(grad, weight_parts[i])  # the sum in the GEMM's fp32 epilogue
             grad_input = grad_input.view(x.shape).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.zeros_like(weight)
+            # Rows of parts without a gradient stay zero.
+            every_part = len(parts) == len(ctx.sizes)
+            grad_weight = torch.empty_like(weight) if every_part else torch.zeros_like(weight)
             grad_weight_parts = grad_weight.split(ctx.sizes)
             rows = x.reshape(-1, x.shape[-1])
             for i, grad in parts:
