@@ -29,11 +29,12 @@ class _ProjectionSharingInput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
-        projected = torch.bmm(x, weight.transpose(1, 2))  # under the caller's autocast
-        # The GEMM's operands in the dtype it ran in, for a backward pass without autocast.
-        ctx.save_for_backward(x.to(projected.dtype), weight.to(projected.dtype))
         ctx.dtypes = (x.dtype, weight.dtype)
-        return x.view_as(x), projected
+        # The GEMM's operands in the dtype it runs in, cast once and kept for a backward pass
+        # without autocast (as in _ProjectionInParts).
+        x_operand, weight = _autocast_operands(x, weight)
+        ctx.save_for_backward(x_operand, weight)
+        return x.view_as(x), torch.bmm(x_operand, weight.transpose(1, 2))
 
     @staticmethod
     @once_differentiable
