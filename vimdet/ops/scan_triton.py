@@ -646,7 +646,7 @@ class _ScanRecomputingInputs(torch.autograd.Function):
     the scan's backward op on them; their own backward follows through autograd."""
 
     @staticmethod
-    def forward(ctx, make_inputs, z, delta_softplus, walk, *tensors):
+    def forward(ctx, make_inputs, check, z, delta_softplus, walk, *tensors):
         device_type = tensors[0].device.type
         ctx.autocast = (
             device_type,
@@ -655,6 +655,8 @@ class _ScanRecomputingInputs(torch.autograd.Function):
         )
         ctx.make_inputs, ctx.delta_softplus, ctx.walk = make_inputs, delta_softplus, walk
         u, delta, A, B, C, D, delta_bias = make_inputs(*tensors)
+        if check is not None:
+            check(u, delta, A, B, C, D, z, delta_bias)
         ctx.save_for_backward(z, *tensors)
         return scan_walk(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk)
 
@@ -696,7 +698,7 @@ class _ScanRecomputingInputs(torch.autograd.Function):
             else ()
         )
         leaf_grads = [next(found) if leaf.requires_grad else None for leaf in leaves]
-        return (None, dz if z is not None else None, None, None, *leaf_grads)
+        return (None, None, dz if z is not None else None, None, None, *leaf_grads)
 
 
 def scan_walk_recomputing_inputs(
@@ -705,16 +707,21 @@ def scan_walk_recomputing_inputs(
     z: Optional[Tensor] = None,
     delta_softplus: bool = False,
     walk: Optional[Sequence[int]] = None,
+    check: Optional[Callable[..., None]] = None,
 ) -> Tensor:
     """``scan_walk(u, delta, A, B, C, D, z, delta_bias, ...)`` with ``(u, delta, A, B, C, D,
     delta_bias) = make_inputs(*tensors)``, where the scan's inputs are not kept for the backward
     pass but computed again there from ``tensors``: in the Vim mixer, u and delta are two
     (2, batch, L, E) activations a block, and their recomputation is a conv and two thin matmuls.
-    ``make_inputs`` must give the same result each call (no randomness)."""
+    ``make_inputs`` must give the same result each call (no randomness). ``check(u, delta, A, B,
+    C, D, z, delta_bias)``, if given, runs once, in the forward pass.
+
+    The backward pass keeps ``make_inputs`` until autograd's graph goes, which may be after the
+    backward pass has run: it must not hold activations (a closure over z would keep its memory)."""
     if triton is None:
         raise RuntimeError(TRITON_HINT)
     walk = [int(v) for v in walk] if walk is not None else None
-    return _ScanRecomputingInputs.apply(make_inputs, z, delta_softplus, walk, *tensors)
+    return _ScanRecomputingInputs.apply(make_inputs, check, z, delta_softplus, walk, *tensors)
 
 
 def scan_triton(

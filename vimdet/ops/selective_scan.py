@@ -219,21 +219,32 @@ def bidirectional_selective_scan_recomputing(
         z, delta_softplus, walk, backend: as :func:`bidirectional_selective_scan`.
     """
 
-    def checked_inputs(*values: Tensor) -> tuple:
-        inputs = make_inputs(*values)
-        check_walk_inputs(*inputs[:6], z, inputs[6])
-        if walk is not None:
-            _check_walk(tuple(int(v) for v in walk), inputs[0].shape[2])
-        return inputs
-
     training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
     if training and not tracing and resolve_backend(backend, tensors[0].device) == "triton":
-        return scan_walk_recomputing_inputs(checked_inputs, tensors, z, delta_softplus, walk)
+        check = functools.partial(_check_scan_inputs, walk)
+        return scan_walk_recomputing_inputs(make_inputs, tensors, z, delta_softplus, walk, check)
     u, delta, A, B, C, D, delta_bias = make_inputs(*tensors)
     return bidirectional_selective_scan(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk, backend
     )
+
+
+def _check_scan_inputs(
+    walk: Sequence[int] | None,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+) -> None:
+    """The checks of :func:`bidirectional_selective_scan` on the scan's inputs."""
+    check_walk_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if walk is not None:
+        _check_walk(tuple(int(v) for v in walk), u.shape[2])
 
 
 def _scan_directions(
