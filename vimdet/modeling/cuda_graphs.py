@@ -131,7 +131,9 @@ class _Capture:
                 for _ in range(WARMUP_STEPS):
                     outputs = tree_flatten(run(self.input))[0]
                     self._gradients(outputs, [torch.ones_like(o) for o in outputs])
-                del outputs  # and with them the warm-up's activations
+                    # Dropped before the next pass: outputs hold autograd's graph, and with it
+                    # whatever its nodes keep after their backward pass.
+                    del outputs
             torch.cuda.current_stream().wait_stream(side)
             # Captured on the warm-up stream, as make_graphed_callables does.
             self.forward_graph = torch.cuda.CUDAGraph()
