@@ -511,7 +511,7 @@ class VisionMamba(nn.Module):
 
     ``forward(images (B, 3, H, W))`` returns ``{"block{k}": (B, dim, H/16, W/16)}`` for each
     requested 1-based block k, where the feature after block k is ``residual_k + h_k`` (fp32,
-    before any norm).
+    before any norm), channels-last in memory (a view of the token stream).
 
     Args:
         embed_dim: width of the token stream (192, 384, 768 for Vim-T/S/B).
@@ -627,8 +627,11 @@ class VisionMamba(nn.Module):
             else:
                 hidden, residual = layer(hidden, residual, grid)
             if index in self.out_blocks:
-                feature = residual + hidden.float()
-                outputs[f"block{index}"] = feature.transpose(1, 2).reshape(
-                    feature.shape[0], self.embed_dim, grid[0], grid[1]
-                )
+                # fp32 by type promotion, in one pass; the token-major (B, L, dim) stream is the
+                # map in channels-last memory, viewed as (B, dim, H, W) without a copy (the
+                # pyramid's convs and channel norms run channels-last).
+                feature = residual + hidden
+                outputs[f"block{index}"] = feature.view(
+                    feature.shape[0], grid[0], grid[1], self.embed_dim
+                ).permute(0, 3, 1, 2)
         return outputs
