@@ -256,7 +256,11 @@ def measure(
             return model(inputs)
 
         def loss(outputs):
-            return sum(out.float().square().mean() for out in outputs.values())
+            # The mean of squares, its gradient in each output's own memory layout, as a conv
+            # head's backward pass hands it: ``.mean()``'s backward materialises a contiguous
+            # (NCHW) gradient whatever the output's layout, which charged a channels-last
+            # pyramid (ViMDet's) strided multiplies and layout copies (docs/benchmarks.md).
+            return sum(out.float().square().sum() / out.numel() for out in outputs.values())
 
     def infer():
         with torch.no_grad(), autocast:
