@@ -5,6 +5,9 @@ every case crosses chunk, channel-block and chaining-step boundaries. The same k
 at real shapes in tests/gpu.
 """
 
+import os
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -226,6 +229,10 @@ def test_strong_decay_stays_finite():
 def test_backend_choice(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu")) == "chunked"
     assert resolve_backend("triton", torch.device("cpu")) == "triton"  # the interpreter
+    if hasattr(scan_triton.triton, "knobs"):  # Triton 3.4 and later read it as a boolean
+        for spelling in ("true", "On"):
+            monkeypatch.setenv("TRITON_INTERPRET", spelling)
+            assert resolve_backend("triton", torch.device("cpu")) == "triton", spelling
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs tensors on a CUDA device"):
         resolve_backend("triton", torch.device("cpu"))
@@ -368,3 +375,27 @@ def test_recomputing_scan_lets_go_of_z_after_its_backward_pass():
     out.float().square().sum().backward()
     assert out.grad_fn is not None and held() is None
     assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(
+    not hasattr(scan_triton.triton, "knobs"), reason="Triton before 3.4 reads only '1'"
+)
+def test_softplus_scan_runs_when_the_interpreter_is_switched_on_as_true():
+    # Triton reads TRITON_INTERPRET=true as on; the kernels must then leave out libdevice's fast
+    # log2, which the interpreter cannot run (a fresh process: the choice is made at import).
+    code = (
+        "import torch\n"
+        "from vimdet.ops import bidirectional_selective_scan as scan, scan_triton\n"
+        "assert scan_triton.interpreting()\n"
+        "u = torch.randn(2, 1, 9, 8)\n"
+        "A = -torch.rand(2, 8, 4) - 0.5\n"
+        "B, C = torch.randn(2, 1, 9, 4), torch.randn(2, 1, 9, 4)\n"
+        "out = scan(u, u.clone(), A, B, C, delta_softplus=True, backend='triton')\n"
+        "ref = scan(u, u.clone(), A, B, C, delta_softplus=True, backend='reference')\n"
+        "torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="true")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -19,7 +19,6 @@ column-major over an H x W grid is (0, H, W, 1); direction 1 walks it backwards.
 """
 
 import contextlib
-import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -89,8 +88,9 @@ def triton_available() -> bool:
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``, read as
+    Triton reads it); False without Triton."""
+    return kernels is not None and kernels.triton_interprets()
 
 
 def row_major_walk(length: int) -> List[int]:

@@ -40,14 +40,26 @@ __all__ = [
     "scan_output_kernel",
     "state_major_kernel",
     "token_major_sums_kernel",
+    "triton_interprets",
 ]
+
+
+def triton_interprets() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter, as Triton itself reads
+    ``TRITON_INTERPRET``: from Triton 3.4 its knob (1, true, on or yes, in any case), before it
+    only ``1``."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # The softplus's log2, compiled, is libdevice's fast_log2f: one ``lg2.approx`` (relative error about
 # 2**-22), where ``tl.log2`` lowers to a polynomial of about 25 instructions. Triton's interpreter
 # runs no libdevice functions: there it is ``tl.log2``.
-FAST_LOG2 = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+FAST_LOG2 = tl.constexpr(not triton_interprets())
 
 
 @triton.jit
