@@ -181,11 +181,8 @@ def bidirectional_selective_scan(
     Returns:
         (batch, L, E) in u's dtype: the mean of the directions' outputs.
     """
-    check_walk_inputs(u, delta, A, B, C, D, z, delta_bias)
-    length = u.shape[2]
-    if walk is not None:  # the kernels index tokens by the walk: it must be a permutation
-        walk = tuple(int(v) for v in walk)
-        _check_walk(walk, length)
+    _check_scan_inputs(walk, u, delta, A, B, C, D, z, delta_bias)
+    walk = None if walk is None else tuple(int(v) for v in walk)
     name = resolve_backend(backend, u.device)
     if name == "triton":
         return scan_walk(u, delta, A, B, C, D, z, delta_bias, delta_softplus, walk)
@@ -243,7 +240,7 @@ def _check_scan_inputs(
 ) -> None:
     """The checks of :func:`bidirectional_selective_scan` on the scan's inputs."""
     check_walk_inputs(u, delta, A, B, C, D, z, delta_bias)
-    if walk is not None:
+    if walk is not None:  # the kernels index tokens by the walk: it must be a permutation
         _check_walk(tuple(int(v) for v in walk), u.shape[2])
 
 
