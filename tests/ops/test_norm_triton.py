@@ -1,12 +1,19 @@
-"""The fused residual add + RMSNorm through Triton's CPU interpreter, against an independent
-float64 computation of the formula (values and every gradient), and the fused trunk (the Triton
-norm, conv and scan) against the reference trunk (PyTorch ops) with the same weights."""
+"""The fused residual add + RMSNorm and the channel LayerNorm through Triton's CPU interpreter,
+against independent float64 computations of their formulas (values and every gradient), and the
+fused trunk (the Triton norm, conv and scan) against the reference trunk (PyTorch ops) with the
+same weights."""
 
 import pytest
 import torch
 
 from vimdet.modeling import VisionMamba
-from vimdet.ops import add_rms_norm, norm_triton, scan_triton, triton_available
+from vimdet.ops import (
+    add_rms_norm,
+    channel_layer_norm,
+    norm_triton,
+    scan_triton,
+    triton_available,
+)
 
 pytestmark = pytest.mark.skipif(
     not (triton_available() and scan_triton.interpreting()),
@@ -68,13 +75,74 @@ def test_fused_add_rms_norm_matches_formula(monkeypatch, with_residual, with_dro
         assert grads[0][0].abs().max() == 0
 
 
-def test_registered_op_passes_opcheck():
+def channel_layer_norm_float64(x, weight, bias, eps):
+    """(x - mean) / sqrt(var + eps) * weight + bias over dim 1, in float64."""
+    x = x.double()
+    mean = x.mean(1, keepdim=True)
+    var = (x - mean).pow(2).mean(1, keepdim=True)
+    shape = (1, -1, 1, 1)
+    return (x - mean) / (var + eps).sqrt() * weight.double().view(shape) + bias.double().view(shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channel_layer_norm_matches_formula(monkeypatch, dtype, channels_last):
+    # 4 rows a tile (18 tiles) and, off the GPU, 4 programs in the backward pass: programs that
+    # walk several tiles and add up their weight gradients; 13 channels: a masked tail in every row.
+    monkeypatch.setattr(norm_triton, "LAYER_NORM_TILE_ELEMENTS", 64)
+    gen = torch.Generator().manual_seed(5)
+    x = (3 + 2 * torch.randn(2, 13, 5, 7, generator=gen)).to(dtype)  # a mean far from 0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = (1 + 0.5 * torch.randn(13, generator=gen)).requires_grad_()
+    bias = torch.randn(13, generator=gen).requires_grad_()
+
+    out = channel_layer_norm(x, weight, bias, 1e-6, backend="triton")
+    expected = channel_layer_norm_float64(x, weight, bias, 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # fp32 rounding, or bf16's 8-bit mantissa for a bf16 map.
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
+
+    upstream = torch.linspace(-1, 1, out.numel()).view_as(out)
+    grads = torch.autograd.grad((out.float() * upstream).sum(), (x, weight, bias))
+    expected_grads = torch.autograd.grad((expected * upstream.double()).sum(), (x, weight, bias))
+    for name, grad, expected_grad in zip(("x", "weight", "bias"), grads, expected_grads):
+        assert grad.dtype == expected_grad.dtype, name
+        # bf16: the upstream gradient and dx are rounded to bf16.
+        grad_tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(
+            grad.float(), expected_grad.float(), rtol=grad_tolerance, atol=grad_tolerance, msg=name
+        )
+
+
+def test_channel_layer_norm_of_an_empty_map():
+    # A box head's norm when an image has no proposals: no rows, zero parameter gradients.
+    x = torch.randn(0, 8, 7, 7, requires_grad=True)
+    weight = torch.ones(8, requires_grad=True)
+    bias = torch.zeros(8, requires_grad=True)
+    out = channel_layer_norm(x, weight, bias, backend="triton")
+    assert out.shape == (0, 8, 7, 7)
+    grads = torch.autograd.grad(out.sum(), (x, weight, bias))
+    assert grads[0].shape == x.shape
+    assert not grads[1].any() and not grads[2].any()
+
+
+def test_registered_ops_pass_opcheck():
     hidden = torch.randn(2, 5, 6, requires_grad=True)
     residual = torch.randn(2, 5, 6, requires_grad=True)
     weight = torch.randn(6, requires_grad=True)
     torch.library.opcheck(
         torch.ops.vimdet.add_rms_norm.default,
         (hidden, residual, weight, torch.tensor([1.0, 2.0]), 1e-5, torch.float32),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+    pixels = torch.randn(2, 3, 4, 6, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.vimdet.layer_norm_rows.default,
+        (pixels, torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True), 1e-6),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
 
@@ -109,3 +177,4 @@ def test_fused_trunk_matches_reference_trunk():
         torch.testing.assert_close(
             p_fused.grad, p_reference.grad, rtol=1e-3, atol=1e-4, msg=f"grad of {name}"
         )
+

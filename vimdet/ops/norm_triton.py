@@ -1,6 +1,7 @@
 # ruff: noqa: UP045 (torch.library infers op schemas from typing.Optional annotations)
-"""Vim's residual add + RMSNorm in Triton, registered as ``vimdet::add_rms_norm`` with its
-autograd and fake implementations. The kernels are in :mod:`vimdet.ops.norm_triton_kernels`."""
+"""Vim's residual add + RMSNorm and the pyramid's channel LayerNorm in Triton, registered as
+``vimdet::add_rms_norm`` and ``vimdet::layer_norm_rows`` with their autograd and fake
+implementations. The kernels are in :mod:`vimdet.ops.norm_triton_kernels`."""
 
 from typing import Optional, Tuple
 
@@ -17,17 +18,33 @@ except ImportError:
     triton = None
     kernels = None
 
-__all__ = ["add_rms_norm_triton"]
+__all__ = ["add_rms_norm_triton", "layer_norm_rows_triton"]
 
 # Elements of a program's (rows, D) tile: 8192 fp32 values keep a tile in registers at D = 768.
 TILE_ELEMENTS = 8192
+# The LayerNorm's tiles are smaller, with 4 warps, and its backward pass runs 4 programs an SM,
+# each adding up its tiles' weight and bias gradients (partial sums (programs, C) at any map
+# size). The fastest of the tiles, warps and programs tried on an H100 at the pyramid's and box
+# heads' shapes (docs/benchmarks.md, eighteenth round).
+LAYER_NORM_TILE_ELEMENTS = 2048
+LAYER_NORM_WARPS = 4
+LAYER_NORM_BACKWARD_PROGRAMS_PER_SM = 4
 
 
-def _launch_shape(rows: int, dim: int) -> Tuple[int, int, int]:
-    """(programs, BLOCK_ROWS, BLOCK_D) for a (rows, dim) stream."""
+def _launch_shape(rows: int, dim: int, tile_elements: int | None = None) -> Tuple[int, int, int]:
+    """(programs, BLOCK_ROWS, BLOCK_D) for a (rows, dim) stream, tiles of about
+    ``tile_elements`` (default ``TILE_ELEMENTS``)."""
     block_d = triton.next_power_of_2(dim)
-    block_rows = max(1, min(TILE_ELEMENTS // block_d, triton.next_power_of_2(rows)))
+    tile_elements = tile_elements or TILE_ELEMENTS
+    block_rows = max(1, min(tile_elements // block_d, triton.next_power_of_2(rows)))
     return triton.cdiv(rows, block_rows), block_rows, block_d
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """The GPU's SM count; 1 elsewhere (Triton's interpreter on the CPU)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _num_warps(block_rows: int, block_d: int) -> int:
@@ -149,3 +166,74 @@ def add_rms_norm_triton(
     return _add_rms_norm_op(
         hidden.contiguous(), residual, weight.contiguous(), drop_scale, eps, out_dtype
     )
+
+
+@torch.library.custom_op("vimdet::layer_norm_rows", mutates_args=())
+def _layer_norm_rows_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    dim = x.shape[-1]
+    rows = x.numel() // dim
+    out = torch.empty_like(x)
+    if rows == 0:  # e.g. a head's norm over no boxes
+        return out
+    programs, block_rows, block_d = _launch_shape(rows, dim, LAYER_NORM_TILE_ELEMENTS)
+    with device_guard(x):
+        kernels.layer_norm_forward_kernel[(programs,)](
+            x, weight, bias, out, rows, dim, eps, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+            num_warps=LAYER_NORM_WARPS,
+        )  # fmt: skip
+    return out
+
+
+@_layer_norm_rows_op.register_fake
+def _layer_norm_rows_fake(x, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("vimdet::layer_norm_rows_backward", mutates_args=())
+def _layer_norm_rows_backward_op(
+    dout: Tensor, x: Tensor, weight: Tensor, eps: float
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias)."""
+    dim = x.shape[-1]
+    rows = x.numel() // dim
+    dx = torch.empty_like(x)
+    if rows == 0:
+        return dx, torch.zeros_like(weight), torch.zeros_like(weight)
+    tiles, block_rows, block_d = _launch_shape(rows, dim, LAYER_NORM_TILE_ELEMENTS)
+    programs = min(tiles, LAYER_NORM_BACKWARD_PROGRAMS_PER_SM * _multiprocessors(x.device))
+    parts = torch.empty((2, programs, dim), dtype=torch.float32, device=x.device)
+    with device_guard(x):
+        kernels.layer_norm_backward_kernel[(programs,)](
+            dout, x, weight, dx, parts[0], parts[1], rows, dim, eps, tiles,
+            BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=LAYER_NORM_WARPS,
+        )  # fmt: skip
+    # Partial sums added in a fixed order: deterministic, no atomics.
+    return dx, parts[0].sum(0).to(weight.dtype), parts[1].sum(0).to(weight.dtype)
+
+
+@_layer_norm_rows_backward_op.register_fake
+def _layer_norm_rows_backward_fake(dout, x, weight, eps):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _layer_norm_rows_setup_context(ctx, inputs, output):
+    x, weight, _, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _layer_norm_rows_backward(ctx, dout):
+    x, weight = ctx.saved_tensors
+    dx, dweight, dbias = _layer_norm_rows_backward_op(dout.contiguous(), x, weight, ctx.eps)
+    return dx, dweight, dbias, None
+
+
+_layer_norm_rows_op.register_autograd(
+    _layer_norm_rows_backward, setup_context=_layer_norm_rows_setup_context
+)
+
+
+def layer_norm_rows_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over the last dim of x (..., C), in fp32, stored in x's dtype; weight and bias
+    (C,). x is made row-contiguous first (a channels-last map's (B, H, W, C) view already is)."""
+    return _layer_norm_rows_op(x.contiguous(), weight.contiguous(), bias.contiguous(), eps)
