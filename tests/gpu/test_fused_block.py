@@ -1,7 +1,8 @@
 """GPU tests of the fused Vim block (Triton add + RMSNorm, conv of both directions and scan)
 against the reference trunk (PyTorch ops, the chunked scan) at real widths: outputs and every
-gradient in fp32 and bf16, an odd grid, batch 2, drop path in training and evaluation; and
-torch.compile of a block over two token counts without graph breaks. Skipped without CUDA."""
+gradient in fp32 and bf16, an odd grid, batch 2, drop path in training and evaluation; the
+pyramid's channel LayerNorm against PyTorch's at real map sizes; and torch.compile of a block over
+two token counts without graph breaks. Skipped without CUDA."""
 
 import copy
 
@@ -13,6 +14,8 @@ from vimdet.ops import (
     add_rms_norm,
     add_rms_norm_reference,
     bidirectional_selective_scan,
+    channel_layer_norm,
+    channel_layer_norm_reference,
     triton_available,
 )
 
@@ -52,6 +55,40 @@ def test_add_rms_norm_matches_reference_at_vim_b_width(out_dtype):
         # d_hidden is bf16 like hidden: bf16 rounding.
         limit = 1e-2 if name == "d_hidden" else tolerance
         assert relative_error(actual, expected) < limit, name
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, channels_last",
+    [
+        ((2, 256, 208, 336), torch.bfloat16, True),  # an 832x1344 image pair's stride-4 level
+        ((2, 384, 104, 168), torch.float32, True),  # its stride-8 upsampling's norm, fp32
+        ((512, 256, 7, 7), torch.bfloat16, False),  # a box head's ROIs, NCHW from ROIAlign
+    ],
+)
+def test_channel_layer_norm_matches_reference(shape, dtype, channels_last):
+    torch.manual_seed(0)
+    x = (2 + torch.randn(shape, device="cuda")).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = (torch.rand(shape[1], device="cuda") + 0.5).requires_grad_()
+    bias = torch.randn(shape[1], device="cuda", requires_grad=True)
+    upstream = torch.randn(shape, device="cuda").to(dtype)
+    results = []
+    for function in (
+        lambda *a: channel_layer_norm(*a, backend="triton"),
+        channel_layer_norm_reference,
+    ):
+        out = function(x, weight, bias, 1e-6)
+        results.append((out, *torch.autograd.grad(out, (x, weight, bias), upstream)))
+    # bf16: the output and dx are rounded to bf16; the parameter gradients sum fp32 products over
+    # every pixel in a different order.
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for name, actual, expected in zip(("out", "dx", "dweight", "dbias"), *results):
+        assert actual.dtype == expected.dtype, name
+        limit = tolerance if name in ("out", "dx") else 1e-4
+        assert relative_error(actual, expected) < limit, name
+    assert results[0][0].is_contiguous(memory_format=torch.channels_last)
 
 
 def paired_trunks(drop_path_rate: float, **options):

@@ -6,7 +6,7 @@ same weights."""
 import pytest
 import torch
 
-from vimdet.modeling import VisionMamba
+from vimdet.modeling import VimFeaturePyramid, VisionMamba
 from vimdet.ops import (
     add_rms_norm,
     channel_layer_norm,
@@ -178,3 +178,37 @@ def test_fused_trunk_matches_reference_trunk():
             p_fused.grad, p_reference.grad, rtol=1e-3, atol=1e-4, msg=f"grad of {name}"
         )
 
+
+def test_fused_pyramid_matches_reference_pyramid():
+    # The Triton trunk and channel norms against the reference ones in every level (strides 4 to
+    # 32 and p6), batch 2, every parameter's gradient.
+    torch.manual_seed(0)
+    kwargs = dict(embed_dim=16, depth=2, d_state=4, out_blocks=(1, 2), pretrain_img_size=64)
+    pyramids = [
+        VimFeaturePyramid(
+            VisionMamba(scan_backend=backend, **kwargs),
+            in_blocks=(1, 1, 2, 2),
+            strides=(4, 8, 16, 32),
+            out_channels=8,
+        )
+        for backend in ("triton", "chunked")
+    ]
+    norms = [m for m in pyramids[0].modules() if type(m).__name__ == "ChannelLayerNorm"]
+    assert len(norms) == 9 and all(norm.backend == "triton" for norm in norms)
+    with torch.no_grad():  # norms that are not the identity at initialization
+        for norm in norms:
+            norm.weight.normal_(1, 0.5)
+            norm.bias.normal_()
+    pyramids[1].load_state_dict(pyramids[0].state_dict())
+    image = torch.randn(2, 3, 64, 96)
+    outputs = []
+    for pyramid in pyramids:
+        levels = pyramid(image)
+        loss = sum((f * torch.linspace(-1, 1, f.numel()).view_as(f)).sum() for f in levels.values())
+        loss.backward()
+        outputs.append(levels)
+    assert list(outputs[0]) == ["p2", "p3", "p4", "p5", "p6"]
+    for name in outputs[0]:
+        torch.testing.assert_close(outputs[0][name], outputs[1][name], rtol=1e-4, atol=1e-4)
+    for (name, fused), reference in zip(pyramids[0].named_parameters(), pyramids[1].parameters()):
+        torch.testing.assert_close(fused.grad, reference.grad, rtol=1e-3, atol=1e-4, msg=name)

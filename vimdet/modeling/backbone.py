@@ -13,12 +13,13 @@ import math
 from typing import Dict, Sequence
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import CfgNode
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import Tensor, nn
+
+from vimdet.ops import channel_layer_norm
 
 from .cuda_graphs import CudaGraphs
 from .vim import VIM_SIZES, VisionMamba, _no_weight_decay, _tracing
@@ -32,35 +33,42 @@ class ChannelLayerNorm(nn.Module):
     """LayerNorm over the channels of a (B, C, H, W) map (ViTDet's pyramid norm, Li et al.,
     arXiv 2203.16527), with Detectron2's ``LayerNorm`` parameters (``weight``, ``bias``) and eps.
 
-    Detectron2's version is five element-wise passes in Python; this is PyTorch's fused
-    ``layer_norm`` over a channels-last view, forward and backward (2.4x faster on the CPU at
-    (4, 64, 80, 80)). The output is channels-last in memory, which convolutions read as such.
+    Detectron2's version is five element-wise passes in Python; this is
+    :func:`vimdet.ops.channel_layer_norm`: on the ``triton`` backend one kernel over the
+    channels-last map that reads it once and writes it once in its own dtype (bf16 under autocast,
+    where ``layer_norm`` would cast to fp32 and back), elsewhere PyTorch's fused ``layer_norm``
+    (2.4x faster than Detectron2's on the CPU at (4, 64, 80, 80)). The output is channels-last in
+    memory, which convolutions read as such.
+
+    Args:
+        channels: C.
+        eps: added to the variance.
+        backend: the scan backend (:func:`vimdet.ops.resolve_backend`), which picks the kernel.
     """
 
-    def __init__(self, channels: int, eps: float = 1e-6):
+    def __init__(self, channels: int, eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
         self.weight = _no_weight_decay(nn.Parameter(torch.ones(channels)))
         self.bias = _no_weight_decay(nn.Parameter(torch.zeros(channels)))
         self.eps = eps
+        self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
-        channels_last = x.permute(0, 2, 3, 1)
-        normed = F.layer_norm(channels_last, self.weight.shape, self.weight, self.bias, self.eps)
-        return normed.permute(0, 3, 1, 2)
+        return channel_layer_norm(x, self.weight, self.bias, self.eps, self.backend)
 
 
-def _norm(norm: str, channels: int) -> nn.Module | None:
+def _norm(norm: str, channels: int, backend: str) -> nn.Module | None:
     """The pyramid's norm layer: ``ChannelLayerNorm`` for "LN", else Detectron2's ``get_norm``."""
-    return ChannelLayerNorm(channels) if norm == "LN" else get_norm(norm, channels)
+    return ChannelLayerNorm(channels, backend=backend) if norm == "LN" else get_norm(norm, channels)
 
 
-def _resampler(dim: int, patch_size: int, scale: float, norm: str) -> tuple:
+def _resampler(dim: int, patch_size: int, scale: float, norm: str, backend: str) -> tuple:
     """Layers taking the trunk's stride-``patch_size`` map to stride patch_size / scale; returns
     (modules, out channels)."""
     if scale == 4.0:
         return [
             nn.ConvTranspose2d(dim, dim // 2, 2, stride=2),
-            *([_norm(norm, dim // 2)] if norm else []),
+            *([_norm(norm, dim // 2, backend)] if norm else []),
             nn.GELU(),
             nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2),
         ], dim // 4
@@ -80,7 +88,8 @@ class VimFeaturePyramid(Backbone):
     """Vim trunk + one pyramid level per tapped block; outputs ``p{log2(stride)}``.
 
     Args:
-        net: the trunk; its ``out_blocks`` must contain ``in_blocks``.
+        net: the trunk; its ``out_blocks`` must contain ``in_blocks``, and its ``scan_backend``
+            picks the levels' LayerNorm kernel too.
         in_blocks: 1-based blocks feeding the levels, fine to coarse.
         strides: output stride of each level (4, 8, 16 or 32).
         out_channels: channels of every level.
@@ -140,16 +149,24 @@ class VimFeaturePyramid(Backbone):
         self.stages = nn.ModuleList()
         self._out_features = []
         for stride in strides:
-            layers, channels = _resampler(dim, net.patch_size, net.patch_size / stride, norm)
+            layers, channels = _resampler(
+                dim, net.patch_size, net.patch_size / stride, norm, net.scan_backend
+            )
             layers += [
-                Conv2d(channels, out_channels, 1, bias=use_bias, norm=_norm(norm, out_channels)),
+                Conv2d(
+                    channels,
+                    out_channels,
+                    1,
+                    bias=use_bias,
+                    norm=_norm(norm, out_channels, net.scan_backend),
+                ),
                 Conv2d(
                     out_channels,
                     out_channels,
                     3,
                     padding=1,
                     bias=use_bias,
-                    norm=_norm(norm, out_channels),
+                    norm=_norm(norm, out_channels, net.scan_backend),
                 ),
             ]
             self.stages.append(nn.Sequential(*layers))

@@ -3,8 +3,9 @@
 ViTDet's Cascade recipe (Li et al., arXiv 2203.16527) puts a channel LayerNorm ("LN") after each
 of the box head's four 3x3 convs, on (ROIs, 256, 7, 7) maps: 1000 ROIs an image at test time, 512
 in training, in each of three stages. Detectron2's ``LayerNorm`` is five element-wise passes in
-Python; :class:`ChannelLayerNorm` is one fused ``layer_norm`` with the same parameters, so these
-heads load the same checkpoints as Detectron2's.
+Python; :class:`ChannelLayerNorm` is one fused kernel (:func:`vimdet.ops.channel_layer_norm`, its
+backend ``auto``: Triton on a GPU) with the same parameters, so these heads load the same
+checkpoints as Detectron2's.
 """
 
 from __future__ import annotations

@@ -524,7 +524,8 @@ class VisionMamba(nn.Module):
         drop_path_rate: highest stochastic-depth rate; block i > 0 gets
             linspace(0, rate, depth)[i - 1].
         out_blocks: 1-based blocks whose output stream is returned; the last must be ``depth``.
-        scan_backend: selective-scan backend, one of :data:`vimdet.ops.BACKENDS`.
+        scan_backend: selective-scan backend, one of :data:`vimdet.ops.BACKENDS`; it also picks
+            the norms' kernels here and in :class:`VimFeaturePyramid`'s levels.
         use_checkpoint: recompute each block in the backward pass (activation checkpointing).
         scan_routes: the walks of the Mamba blocks, one of :data:`SCAN_ROUTES`.
         attention_blocks: 1-based blocks whose mixer is :class:`AttentionMixer` instead.
@@ -575,6 +576,7 @@ class VisionMamba(nn.Module):
         self.patch_size = patch_size
         self.out_blocks = out_blocks
         self.use_checkpoint = use_checkpoint
+        self.scan_backend = scan_backend
         self.scan_routes = scan_routes
         self.attention_blocks = attention_blocks
         self.pretrain_grid = (pretrain_img_size // patch_size,) * 2
