@@ -242,3 +242,12 @@ def test_channel_layer_norm_equals_detectron2s():
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
     for fused_grad, reference_grad in zip(*grads):
         torch.testing.assert_close(fused_grad, reference_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_channel_layer_norm_rejects_a_map_of_other_channels():
+    # The Triton kernel would read the weight out of bounds; the check comes before any backend.
+    norm = ChannelLayerNorm(6)
+    with pytest.raises(ValueError, match=r"x \(2, 8, 5, 7\), weight \(6,\)"):
+        norm(torch.randn(2, 8, 5, 7))
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        norm(torch.randn(2, 6, 5))

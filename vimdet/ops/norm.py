@@ -104,6 +104,12 @@ def channel_layer_norm(
         (B, C, H, W) in x's dtype, channels-last in memory: (x - mean) / sqrt(var + eps) * weight
         + bias over C, computed in fp32.
     """
+    if x.dim() != 4 or weight.shape != (x.shape[1],) or bias.shape != weight.shape:
+        raise ValueError(
+            f"channel_layer_norm: expected a (B, C, H, W) map and (C,) weight and bias, got x "
+            f"{tuple(x.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}; build the "
+            "norm with the map's channel count"
+        )
     if resolve_backend(backend, x.device) == "triton":
         pixels = layer_norm_rows_triton(x.permute(0, 2, 3, 1), weight, bias, eps)
         return pixels.permute(0, 3, 1, 2)
