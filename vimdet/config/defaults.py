@@ -33,7 +33,8 @@ def add_vimdet_config(cfg: CN) -> None:
     cfg.MODEL.VIM.DROP_PATH_RATE = 0.1
     # Selective-scan backend: "auto" (ViMDet's Triton scan on a GPU, chunked on the CPU),
     # "triton", "cuda" (mamba-ssm's kernel), "chunked" or "reference". $VIMDET_SCAN_BACKEND
-    # overrides "auto".
+    # overrides "auto". "triton" also runs the blocks' and the pyramid's norms as Triton kernels;
+    # the others run them as PyTorch ops.
     cfg.MODEL.VIM.SCAN_BACKEND = "auto"
     # Recompute each block in the backward pass (activation checkpointing) to save memory.
     cfg.MODEL.VIM.USE_CHECKPOINT = False
