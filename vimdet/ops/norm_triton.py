@@ -31,11 +31,10 @@ LAYER_NORM_WARPS = 4
 LAYER_NORM_BACKWARD_PROGRAMS_PER_SM = 4
 
 
-def _launch_shape(rows: int, dim: int, tile_elements: int | None = None) -> Tuple[int, int, int]:
+def _launch_shape(rows: int, dim: int, tile_elements: int) -> Tuple[int, int, int]:
     """(programs, BLOCK_ROWS, BLOCK_D) for a (rows, dim) stream, tiles of about
-    ``tile_elements`` (default ``TILE_ELEMENTS``)."""
+    ``tile_elements``."""
     block_d = triton.next_power_of_2(dim)
-    tile_elements = tile_elements or TILE_ELEMENTS
     block_rows = max(1, min(tile_elements // block_d, triton.next_power_of_2(rows)))
     return triton.cdiv(rows, block_rows), block_rows, block_d
 
@@ -64,7 +63,7 @@ def _add_rms_norm_op(
     rows = batch * length
     out = torch.empty((batch, length, dim), dtype=out_dtype, device=hidden.device)
     res_out = torch.empty((batch, length, dim), dtype=torch.float32, device=hidden.device)
-    programs, block_rows, block_d = _launch_shape(rows, dim)
+    programs, block_rows, block_d = _launch_shape(rows, dim, TILE_ELEMENTS)
     with device_guard(hidden):
         kernels.add_rms_norm_forward_kernel[(programs,)](
             hidden, residual, drop_scale, weight, out, res_out, rows, length, dim, eps,
@@ -96,7 +95,7 @@ def _add_rms_norm_backward_op(
     """(dhidden, dresidual (empty when there was no residual), dweight)."""
     batch, length, dim = res_out.shape
     rows = batch * length
-    programs, block_rows, block_d = _launch_shape(rows, dim)
+    programs, block_rows, block_d = _launch_shape(rows, dim, TILE_ELEMENTS)
     f32 = {"dtype": torch.float32, "device": res_out.device}
     dhidden = torch.empty((batch, length, dim), dtype=hidden_dtype, device=res_out.device)
     dresidual = torch.empty((batch, length, dim) if has_residual else (0,), **f32)
